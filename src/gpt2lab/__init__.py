@@ -1,0 +1,8 @@
+"""gpt2lab: train, fine-tune, run, evaluate and serve GPT-2 on PyTorch."""
+
+from .checkpoint import export_hf, load_model, save_checkpoint
+from .config import PRESETS, GPTConfig, preset
+from .model import GPT
+
+__all__ = ["GPT", "GPTConfig", "PRESETS", "export_hf", "load_model", "preset", "save_checkpoint"]
+__version__ = "0.1.0"

@@ -1,0 +1,310 @@
+"""Checkpoints: gpt2lab's own folders, Hugging Face GPT-2 folders, and conversion between them.
+
+gpt2lab's format is a folder holding
+    config.json        {"format": "gpt2lab", "version": 1, "model": {GPTConfig fields}}
+    model.safetensors  the weights in our (nn.Linear) layout, the tied head stored once
+    tokenizer/         the tokenizer's record (see Tokenizer.save)
+plus whatever a trainer adds (train_state.pt). Folders are written under a temporary name and
+renamed into place, so a folder with this name is always complete.
+
+Hugging Face folders (written by GPT2LMHeadModel.save_pretrained) hold config.json and one of
+model.safetensors, a sharded model.safetensors.index.json, or pytorch_model.bin. Their Conv1D
+weights are the transposes of ours; everything else maps one to one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import GPTConfig
+from .errors import CheckpointError
+from .model import GPT
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+# HF's Conv1D stores these as (in, out); our nn.Linear as (out, in).
+TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Buffers that old HF checkpoints carry and that hold no learned state.
+HF_IGNORED = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder that replaces `path` only once the block completes.
+
+    An existing `path` is moved aside first and removed only after the new folder is in place,
+    so a crash at any point leaves either the old or the new folder, never a partial one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):  # data on disk before the rename makes it visible
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(old)
+        tmp.rename(path)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors with the tied head stored once, contiguous, on the CPU."""
+    sd = _unwrap(model).state_dict()
+    sd.pop("lm_head.weight", None)
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+
+
+def write_model_files(model: torch.nn.Module, folder: Path, tokenizer: Any = None) -> None:
+    """Write config.json, model.safetensors and the tokenizer record into an existing folder."""
+    gpt = _unwrap(model)
+    write_json(folder / "config.json",
+               {"format": "gpt2lab", "version": FORMAT_VERSION, "model": gpt.config.to_dict()})
+    save_file(state_dict_for_saving(gpt), str(folder / WEIGHTS), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save(folder / "tokenizer")
+
+
+def save_checkpoint(model: torch.nn.Module, path: str | Path, *, tokenizer: Any = None) -> Path:
+    """Save `model` as a gpt2lab checkpoint folder at `path`, atomically."""
+    with atomic_dir(path) as tmp:
+        write_model_files(model, tmp, tokenizer)
+    return Path(path)
+
+
+def export_hf(model: torch.nn.Module, path: str | Path, *, tokenizer: Any = None) -> Path:
+    """Write a folder that `transformers.GPT2LMHeadModel.from_pretrained` loads as is."""
+    gpt = _unwrap(model)
+    sd = {
+        k: (v.t() if k.endswith(TRANSPOSED) else v).contiguous()
+        for k, v in state_dict_for_saving(gpt).items()
+    }
+    with atomic_dir(path) as tmp:
+        write_json(tmp / "config.json", gpt.config.to_hf())
+        save_file(sd, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if tokenizer is not None and hasattr(tokenizer, "save_hf"):
+            tokenizer.save_hf(tmp)
+    return Path(path)
+
+
+def _unwrap(model: torch.nn.Module) -> GPT:
+    """The plain GPT inside DDP/FSDP/compile wrappers: checkpoints never carry wrapper prefixes."""
+    while not isinstance(model, GPT):
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            raise TypeError(f"expected a gpt2lab GPT model, got {type(model).__name__}")
+        model = inner
+    return model
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete `checkpoints/step-*` folder of a training run, or None."""
+    steps = sorted(Path(run_dir).glob("checkpoints/step-*"))
+    complete = [p for p in steps if (p / "config.json").is_file() and (p / WEIGHTS).is_file()]
+    return complete[-1] if complete else None
+
+
+def resolve(path: str | Path) -> tuple[Path, Literal["gpt2lab", "hf"]]:
+    """The checkpoint folder that `path` names, and its format. A run folder gives its newest."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist: give a checkpoint folder, a run folder or an HF folder")
+    if path.is_file():
+        raise CheckpointError(f"{path} is a file: give the folder that holds config.json and the weights")
+    config = path / "config.json"
+    if not config.is_file():
+        if (latest := latest_checkpoint(path)) is not None:
+            return resolve(latest)
+        raise CheckpointError(f"{path} is not a GPT-2 checkpoint: it has no config.json (nor checkpoints/step-*)")
+    meta = read_config_json(config)
+    if meta.get("format") == "gpt2lab":
+        return path, "gpt2lab"
+    if meta.get("model_type") == "gpt2":
+        return path, "hf"
+    raise CheckpointError(
+        f"{config} describes neither a gpt2lab checkpoint nor an HF GPT-2 model "
+        f"(model_type={meta.get('model_type')!r}); gpt2lab loads GPT-2 only"
+    )
+
+
+def read_config_json(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} holds a {type(meta).__name__}, expected a JSON object")
+    return meta
+
+
+def load_config(path: str | Path) -> GPTConfig:
+    """The GPTConfig of a checkpoint, run or HF folder, without reading the weights."""
+    folder, fmt = resolve(path)
+    meta = read_config_json(folder / "config.json")
+    try:
+        if fmt == "gpt2lab":
+            if meta.get("version", 0) > FORMAT_VERSION:
+                raise CheckpointError(f"{folder} was written by a newer gpt2lab (format {meta['version']})")
+            return GPTConfig.from_dict(meta["model"])
+        return GPTConfig.from_hf(meta)
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{folder / 'config.json'}: invalid model config ({e})") from e
+
+
+def load_model(path: str | Path, *, dtype: torch.dtype | None = None,
+               device: torch.device | str = "cpu") -> GPT:
+    """Load a gpt2lab checkpoint, a training run's newest checkpoint, or an HF GPT-2 folder.
+
+    The model is built on the meta device and the loaded tensors are assigned to it, so the
+    weights are held in memory once. Returns the model in eval mode.
+    """
+    folder, fmt = resolve(path)
+    cfg = load_config(folder)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    tensors = _read_weights(folder, fmt)
+    sd: dict[str, torch.Tensor] = {}
+    for name, (source, read) in tensors.items():
+        if name not in expected:
+            raise CheckpointError(f"{source}: unexpected tensor {name!r}; this is not a GPT-2 state dict")
+        t = read()
+        if fmt == "hf" and name.endswith(TRANSPOSED):
+            t = t.t()
+        if t.shape != expected[name].shape:
+            raise CheckpointError(
+                f"{source}: tensor {name!r} has shape {tuple(t.shape)} but config.json implies "
+                f"{tuple(expected[name].shape)}; the weights and the config do not match"
+            )
+        sd[name] = t.to(device=device, dtype=dtype or t.dtype).contiguous()
+    missing = sorted(set(expected) - set(sd))
+    if missing:
+        raise CheckpointError(f"{folder}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    model.load_state_dict(sd, assign=True)
+    model.tie_weights()
+    return model.eval()
+
+
+Reader = tuple[str, Any]
+
+
+def _read_weights(folder: Path, fmt: str) -> dict[str, Reader]:
+    """Map each tensor name (our naming) to (source file, a function that reads it)."""
+    if (folder / WEIGHTS).is_file():
+        files = [folder / WEIGHTS]
+    elif (index := folder / "model.safetensors.index.json").is_file():
+        weight_map = read_config_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no weight_map; the sharded checkpoint is corrupt")
+        files = [folder / f for f in sorted(set(weight_map.values()))]
+    elif fmt == "hf" and (folder / "pytorch_model.bin").is_file():
+        return _read_torch_bin(folder / "pytorch_model.bin")
+    else:
+        raise CheckpointError(
+            f"{folder} has config.json but no weights: expected {WEIGHTS}, "
+            "model.safetensors.index.json or (HF) pytorch_model.bin"
+        )
+    out: dict[str, Reader] = {}
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"weights file {f} is missing (named by the shard index)")
+        try:
+            handle = safe_open(str(f), framework="pt", device="cpu")
+            keys = list(handle.keys())
+        except Exception as e:  # safetensors raises its own error types for a bad header
+            raise CheckpointError(f"{f} is not a readable safetensors file ({e}); it is truncated or corrupt") from e
+        for key in keys:
+            name = _our_name(key) if fmt == "hf" else key
+            if name is not None:
+                out[name] = (str(f), _safe_reader(handle, key, f))
+    return out
+
+
+def _safe_reader(handle: Any, key: str, f: Path):
+    def read() -> torch.Tensor:
+        try:
+            return handle.get_tensor(key)
+        except Exception as e:
+            raise CheckpointError(f"{f}: tensor {key!r} cannot be read ({e}); the file is truncated or corrupt") from e
+    return read
+
+
+def _read_torch_bin(f: Path) -> dict[str, Reader]:
+    try:
+        # weights_only: never unpickle arbitrary objects; mmap: tensors stay on disk until used.
+        sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise CheckpointError(f"{f} cannot be read as a weights-only PyTorch file ({e}); it is corrupt or unsafe") from e
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{f} holds a {type(sd).__name__}, not a state dict")
+    return {name: (str(f), lambda t=t: t) for key, t in sd.items() if (name := _our_name(key)) is not None}
+
+
+def _our_name(hf_key: str) -> str | None:
+    """Our name for an HF GPT2LMHeadModel/GPT2Model key, or None for keys that hold no state."""
+    if hf_key.endswith(HF_IGNORED):
+        return None
+    return hf_key if hf_key.startswith("transformer.") else f"transformer.{hf_key}"
+
+
+# -- conversion and inspection ---------------------------------------------------------------
+
+
+def convert(src: str, dst: str, *, to: Literal["hf", "gpt2lab"] = "gpt2lab") -> str:
+    """Convert a checkpoint between gpt2lab's format and a Hugging Face GPT-2 folder.
+
+    src: a gpt2lab checkpoint, run folder, or HF folder
+    dst: the folder to write (replaced atomically if it exists)
+    to:  the format to write
+    """
+    model = load_model(src)
+    if to == "hf":
+        export_hf(model, dst)
+    else:
+        save_checkpoint(model, dst)
+    return f"wrote {to} checkpoint to {dst}"
+
+
+def info(path: str) -> dict[str, Any]:
+    """Describe a checkpoint: format, config, parameter count and size on disk.
+
+    path: a gpt2lab checkpoint, run folder, or HF folder
+    """
+    folder, fmt = resolve(path)
+    cfg = load_config(folder)
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    return {"path": str(folder), "format": fmt, "config": cfg.to_dict(),
+            "parameters": cfg.num_params(), "size_on_disk_bytes": size,
+            "size_on_disk": f"{size / 2**20:.1f} MiB"}

@@ -1,0 +1,113 @@
+"""Model configuration: one keyword-only dataclass and the named presets. No torch here."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPTConfig:
+    """The shape of a GPT-2 model. Field names follow GPT-2's own `hparams.json`."""
+
+    n_layer: int = 12
+    """Number of transformer blocks."""
+    n_head: int = 12
+    """Attention heads per block; must divide n_embd."""
+    n_embd: int = 768
+    """Width of the residual stream."""
+    n_ctx: int = 1024
+    """Context length: the number of learned positions."""
+    vocab_size: int = 50257
+    """Number of token ids (GPT-2's BPE has 50257, the last being <|endoftext|>)."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention weights and residual branches (training only)."""
+    layer_norm_epsilon: float = 1e-5
+    """LayerNorm epsilon, as in GPT-2."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "n_head", "n_embd", "n_ctx", "vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.layer_norm_epsilon <= 0:
+            raise ValueError(f"layer_norm_epsilon must be positive, got {self.layer_norm_epsilon}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown GPTConfig field(s) {unknown}; known fields are {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> GPTConfig:
+        """Read a Hugging Face `GPT2Config` dict (config.json written by save_pretrained)."""
+        if d.get("model_type", "gpt2") != "gpt2":
+            raise ValueError(f"model_type is {d.get('model_type')!r}, not 'gpt2'")
+        act = d.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"activation_function {act!r} is not GPT-2's tanh GELU")
+        if d.get("n_inner") not in (None, 4 * d["n_embd"]):
+            raise ValueError(f"n_inner={d['n_inner']} is not 4 * n_embd; gpt2lab supports GPT-2's MLP only")
+        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            if d.get(flag):
+                raise ValueError(f"{flag}=True is not GPT-2 (it changes the attention numerics)")
+        if not d.get("scale_attn_weights", True):
+            raise ValueError("scale_attn_weights=False is not GPT-2")
+        return cls(
+            n_layer=d["n_layer"], n_head=d["n_head"], n_embd=d["n_embd"],
+            n_ctx=d.get("n_positions", d.get("n_ctx", 1024)), vocab_size=d["vocab_size"],
+            layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """The `GPT2Config` fields that describe this model."""
+        return {
+            "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+            "n_layer": self.n_layer, "n_head": self.n_head, "n_embd": self.n_embd,
+            "n_positions": self.n_ctx, "n_ctx": self.n_ctx, "vocab_size": self.vocab_size,
+            "layer_norm_epsilon": self.layer_norm_epsilon, "activation_function": "gelu_new",
+            "n_inner": None, "resid_pdrop": self.dropout, "embd_pdrop": self.dropout,
+            "attn_pdrop": self.dropout, "initializer_range": 0.02, "scale_attn_weights": True,
+            "tie_word_embeddings": True, "bos_token_id": 50256, "eos_token_id": 50256,
+        }
+
+    def num_params(self) -> int:
+        """Parameter count with the output head tied to the token embedding."""
+        d, L = self.n_embd, self.n_layer
+        per_block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
+        return self.vocab_size * d + self.n_ctx * d + L * per_block + 2 * d
+
+
+PRESETS: dict[str, GPTConfig] = {
+    # OpenAI's four released sizes.
+    "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),
+    # Small shapes for CPU work and tests (vocab_size is usually replaced by the tokenizer's).
+    "gpt2-nano": GPTConfig(n_layer=3, n_head=3, n_embd=48, n_ctx=128),
+    "gpt2-micro": GPTConfig(n_layer=4, n_head=4, n_embd=128, n_ctx=256),
+    "gpt2-mini": GPTConfig(n_layer=6, n_head=6, n_embd=384, n_ctx=256),
+}
+
+
+def preset(name: str, **overrides: Any) -> GPTConfig:
+    """A named preset, with fields replaced by `overrides` (e.g. vocab_size, dropout)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
