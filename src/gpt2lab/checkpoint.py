@@ -266,7 +266,9 @@ def _read_torch_bin(f: Path) -> dict[str, Reader]:
         # weights_only: never unpickle arbitrary objects; mmap: tensors stay on disk until used.
         sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        raise CheckpointError(f"{f} cannot be read as a weights-only PyTorch file ({e}); it is corrupt or unsafe") from e
+        raise CheckpointError(
+            f"{f} cannot be read as a weights-only PyTorch file ({e}); it is corrupt or unsafe"
+        ) from e
     if not isinstance(sd, dict):
         raise CheckpointError(f"{f} holds a {type(sd).__name__}, not a state dict")
     return {name: (str(f), lambda t=t: t) for key, t in sd.items() if (name := _our_name(key)) is not None}

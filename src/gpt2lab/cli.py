@@ -8,6 +8,7 @@ the same functions. A function's return value is printed: strings as they are, d
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import json
 import sys
@@ -17,18 +18,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint
 from .errors import GPT2LabError
 
-# subcommand (words separated by spaces for groups) -> function
-COMMANDS: dict[str, Callable[..., Any]] = {
-    "convert": checkpoint.convert,
-    "info": checkpoint.info,
+# subcommand (words separated by spaces for groups) -> "module:function" in gpt2lab.
+# Modules are imported only for the subcommand that runs, so `gpt2lab tokenizer ...` starts fast.
+COMMANDS: dict[str, str] = {
+    "convert": "checkpoint:convert",
+    "info": "checkpoint:info",
 }
 
 
+def resolve_command(target: str) -> Callable[..., Any]:
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(f"gpt2lab.{module}"), name)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_selected(argv))
     args = vars(parser.parse_args(argv))
     func = args.pop("_func", None)
     if func is None:
@@ -49,11 +56,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _selected(argv: list[str]) -> list[str] | None:
+    """The command names argv selects, so that only their modules are imported (None: all)."""
+    words = [a for a in argv if not a.startswith("-")][:2]
+    for n in (2, 1):
+        name = " ".join(words[:n])
+        if name in COMMANDS:
+            return [name]
+    return None
+
+
+def build_parser(only: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpt2lab", description="Train, fine-tune, run, evaluate and serve GPT-2.")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     groups: dict[str, Any] = {}
-    for name, func in COMMANDS.items():
+    for name, target in COMMANDS.items():
+        if only is not None and name not in only:
+            continue
+        func = resolve_command(target)
         *group, leaf = name.split()
         target = subparsers
         if group:
