@@ -207,7 +207,9 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None,
                 f"{source}: tensor {name!r} has shape {tuple(t.shape)} but config.json implies "
                 f"{tuple(expected[name].shape)}; the weights and the config do not match"
             )
-        sd[name] = t.to(device=device, dtype=dtype or t.dtype).contiguous()
+        # No .contiguous(): safetensors and mmap'd .bin tensors are copy-on-write views of the file,
+        # and a transposed view multiplies as fast as a copy, so the weights are held once.
+        sd[name] = t.to(device=device, dtype=dtype or t.dtype)
     missing = sorted(set(expected) - set(sd))
     if missing:
         raise CheckpointError(f"{folder}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
