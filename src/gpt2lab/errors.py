@@ -11,3 +11,23 @@ class CheckpointError(GPT2LabError, ValueError):
 
 class FetchError(GPT2LabError, RuntimeError):
     """A pinned package could not be fetched or did not match its hash."""
+
+
+class TaskFormatError(GPT2LabError, ValueError):
+    """An evaluation file (text, JSONL or BIG-bench task) is malformed; the message names the line."""
+
+
+class TokenizerError(GPT2LabError, ValueError):
+    """Text, ids or vocabulary files a tokenizer cannot handle (lone surrogates, unknown ids, bad files)."""
+
+
+class TokenizerMismatch(TokenizerError):
+    """A model is being used with a tokenizer other than the one it was trained with."""
+
+
+class DataError(GPT2LabError, ValueError):
+    """A corpus, a prepared data folder or a token shard is missing, empty, undecodable or corrupt."""
+
+
+class GenerationError(GPT2LabError, ValueError):
+    """A generation request is invalid: a bad sampling parameter, an empty or too-long prompt."""
