@@ -31,3 +31,7 @@ class DataError(GPT2LabError, ValueError):
 
 class GenerationError(GPT2LabError, ValueError):
     """A generation request is invalid: a bad sampling parameter, an empty or too-long prompt."""
+
+
+class TrainingError(GPT2LabError, RuntimeError):
+    """A training run cannot start or continue: a run folder in the way, nothing to resume, divergence."""

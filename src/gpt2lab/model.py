@@ -131,10 +131,14 @@ class GPT(nn.Module):
 
     def setup_cache(self, batch_size: int, max_len: int | None = None, *,
                     dtype: torch.dtype | None = None) -> None:
-        """Allocate a KV cache in every block, once, for up to `max_len` positions."""
+        """Allocate a KV cache in every block, once, for up to `max_len` slots (default n_ctx).
+
+        A left-padded batch also caches its padding, so its rows may need more slots than n_ctx;
+        positions (position_ids) still stay below n_ctx.
+        """
         max_len = self.config.n_ctx if max_len is None else max_len
-        if not 0 < max_len <= self.config.n_ctx:
-            raise ValueError(f"cache length {max_len} must be in 1..n_ctx ({self.config.n_ctx})")
+        if max_len <= 0:
+            raise ValueError(f"cache length must be positive, got {max_len}")
         ref = self.transformer.wte.weight
         for block in self.transformer.h:
             block.attn.kv_cache = KVCache(batch_size, max_len, self.config.n_head, self.config.head_dim,
@@ -161,6 +165,14 @@ class GPT(nn.Module):
                       Left-padded batches pass their own so that every row starts at position 0.
         key_mask:     (B, start+T) bool, False for slots no token may attend to (padding).
         """
+        return self.lm_head(self.hidden(idx, start=start, position_ids=position_ids, key_mask=key_mask))
+
+    def hidden(self, idx: torch.Tensor, *, start: int = 0, position_ids: torch.Tensor | None = None,
+               key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The final hidden states (B, T, n_embd), after ln_f: `forward` without the output head.
+
+        Generation applies the head to the last position only, which spares a (B, T, vocab) prefill.
+        """
         B, T = idx.shape
         end = start + T
         if self.cache_len:
@@ -179,7 +191,7 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, mask, start, use_reentrant=False)
             else:
                 x = block(x, mask, start)
-        return self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
+        return self.transformer.ln_f(x)  # (B, T, C)
 
     @staticmethod
     def _attention_mask(T: int, start: int, key_mask: torch.Tensor | None,

@@ -1,0 +1,409 @@
+import math
+
+import pytest
+import torch
+from conftest import ODD_CONFIGS, hf_model
+
+from gpt2lab import load_model
+from gpt2lab.config import preset
+from gpt2lab.errors import GenerationError, GPT2LabError
+from gpt2lab.generate import (
+    GenerationConfig,
+    Generator,
+    StopText,
+    apply_repetition_penalty,
+    apply_temperature,
+    next_tokens,
+    top_k_filter,
+    top_p_filter,
+)
+from gpt2lab.model import GPT
+
+# -- models with peaked next-token distributions -------------------------------------------------
+# Random weights give nearly flat distributions, where float noise could flip an argmax, and with
+# the tied head a random model mostly repeats its input token. Larger block weights and positions
+# make the continuation depend on the context; a larger final LayerNorm makes the argmax clear.
+
+
+def peaked_hf(cfg, block=4.0, positions=10.0, head=15.0):
+    hf = hf_model(**cfg)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith(("c_attn.weight", "c_fc.weight", "c_proj.weight")):
+                p.mul_(block)
+        hf.transformer.wpe.weight.mul_(positions)
+        hf.transformer.ln_f.weight.mul_(head)
+    return hf
+
+
+@pytest.fixture(scope="module", params=range(len(ODD_CONFIGS)), ids=lambda i: f"cfg{i}")
+def pair(request, tmp_path_factory):
+    """(transformers model, our model loaded from its save_pretrained folder, config)."""
+    torch.manual_seed(request.param)
+    cfg = ODD_CONFIGS[request.param]
+    hf = peaked_hf(cfg)
+    folder = tmp_path_factory.mktemp("hf")
+    hf.save_pretrained(folder)
+    return hf, load_model(folder), cfg
+
+
+def prompts_for(cfg, lengths=(5, 1, 9, 3)):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, cfg["vocab_size"], (n,), generator=g).tolist() for n in lengths]
+
+
+def hf_greedy(hf, prompts, max_new_tokens):
+    """transformers' greedy output for left-padded prompts: the new ids of each row."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                      min_new_tokens=max_new_tokens, pad_token_id=0, eos_token_id=None)
+    return out[:, width:].tolist()
+
+
+def greedy_margin(completions):
+    """The smallest gap between the chosen and the runner-up logprob over all steps."""
+    return min(top[0][1] - top[1][1] for c in completions for top in c.top_logprobs)
+
+
+def test_greedy_matches_transformers_alone_and_batched(pair):
+    hf, ours, cfg = pair
+    prompts = prompts_for(cfg)
+    n = min(12, cfg["n_ctx"] - max(map(len, prompts)))
+    gen = Generator(ours)
+    options = dict(greedy=True, max_new_tokens=n, stop_at_eot=False, top_logprobs=2)
+    alone = [gen.generate_ids([p], **options)[0] for p in prompts]
+    batched = gen.generate_ids(prompts, **options)
+    assert greedy_margin(alone + batched) > 1e-3  # argmax ties cannot explain a (non-)match
+    assert sum(len(set(c.token_ids)) for c in alone) >= 3 * len(alone)  # not one token repeated
+    want = [hf_greedy(hf, [p], n)[0] for p in prompts]
+    assert [c.token_ids for c in alone] == want
+    assert [c.token_ids for c in batched] == want
+    assert hf_greedy(hf, prompts, n) == want  # transformers' own batching agrees too
+    assert all(c.finish_reason == "length" and len(c.token_ids) == n for c in batched)
+
+
+def test_logprobs_are_the_models_log_softmax(pair):
+    _, ours, cfg = pair
+    prompt = prompts_for(cfg)[0]
+    c = Generator(ours).generate_ids([prompt], greedy=True, max_new_tokens=4, stop_at_eot=False, top_logprobs=3)[0]
+    seq = torch.tensor([prompt + c.token_ids])
+    logp = ours(seq).log_softmax(-1)[0, len(prompt) - 1:-1]  # (4, V): predictions for the new tokens
+    want = logp.gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=0)
+    for step, top in enumerate(c.top_logprobs):
+        ids, values = zip(*top, strict=True)
+        assert list(ids) == logp[step].topk(3).indices.tolist()
+        assert ids[0] == c.token_ids[step]  # greedy picks the most likely
+
+
+def test_cached_decode_equals_uncached_forward():
+    """Every step's logprobs equal a fresh full forward over prompt + tokens so far (no cache)."""
+    torch.manual_seed(0)
+    model = GPT(preset("gpt2-nano", vocab_size=97)).eval()
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (7, 2, 11)]
+    got = Generator(model).generate_ids(prompts, max_new_tokens=20, seed=3, stop_at_eot=False, top_logprobs=97)
+    for p, c in zip(prompts, got, strict=True):
+        seq = torch.tensor([p + c.token_ids])
+        with torch.no_grad():
+            full = model(seq).log_softmax(-1)[0, len(p) - 1:-1]  # (20, V), no cache involved
+        cached = torch.tensor([[lp for _, lp in sorted(top)] for top in c.top_logprobs])
+        torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_batching():
+    torch.manual_seed(0)
+    model = GPT(preset("gpt2-nano", vocab_size=97)).eval()
+    gen = Generator(model)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    options = dict(max_new_tokens=16, temperature=1.3, top_k=50, top_p=0.95, num_samples=2, stop_at_eot=False)
+    a = gen.generate_ids(prompts, seed=7, **options)
+    b = gen.generate_ids(prompts, seed=7, **options)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    assert a[0].token_ids != a[1].token_ids  # two samples of one prompt differ
+    alone = gen.generate_ids([prompts[1]], seed=7, **options)
+    assert [c.token_ids for c in alone] == [c.token_ids for c in a[2:]]
+    assert [c.token_ids for c in gen.generate_ids(prompts, seed=8, **options)] != [c.token_ids for c in a]
+    assert [(c.prompt_index, c.sample_index) for c in a] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+# -- the sampling steps, against small distributions computed by hand ---------------------------
+
+
+def test_top_k_keeps_the_k_largest_and_their_ties():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.5, 2.0]])
+    inf = -math.inf
+    assert top_k_filter(logits, 1).tolist() == [[inf, 3.0, inf, inf, inf]]
+    assert top_k_filter(logits, 2).tolist() == [[inf, 3.0, 2.0, inf, 2.0]]  # the tie with the 2nd stays
+    assert top_k_filter(logits, 4).tolist() == [[1.0, 3.0, 2.0, inf, 2.0]]
+    assert torch.equal(top_k_filter(logits, 10), logits)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.1, 0.5, 0.25, 0.15]])
+    logits = probs.log()
+    kept = lambda p: torch.isfinite(top_p_filter(logits, p))[0].tolist()  # noqa: E731
+    assert kept(0.5) == [False, True, False, False]  # 0.5 alone reaches 0.5
+    assert kept(0.6) == [False, True, True, False]  # 0.5 + 0.25
+    assert kept(0.75) == [False, True, True, False]
+    assert kept(0.8) == [False, True, True, True]  # 0.5 + 0.25 + 0.15 = 0.9
+    assert kept(0.01) == [False, True, False, False]  # always at least one
+    assert kept(1.0) == [True] * 4
+    # Kept logits are untouched (the renormalisation happens in the softmax that follows).
+    out = top_p_filter(logits, 0.6)
+    torch.testing.assert_close(out.softmax(-1), torch.tensor([[0, 0.5 / 0.75, 0.25 / 0.75, 0]]))
+
+
+def test_temperature_sharpens_and_flattens():
+    logits = torch.tensor([[math.log(0.2), math.log(0.8)]])
+    # softmax(log p / T) is p^(1/T) renormalised: T = 0.5 squares the probabilities.
+    torch.testing.assert_close(apply_temperature(logits, 0.5).softmax(-1), torch.tensor([[0.04, 0.64]]) / 0.68)
+    torch.testing.assert_close(apply_temperature(logits, 1e6).softmax(-1), torch.tensor([[0.5, 0.5]]), atol=1e-5,
+                               rtol=0)
+
+
+def test_repetition_penalty_has_hfs_semantics():
+    logits = torch.tensor([[2.0, -2.0, 1.0, -1.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    # Seen tokens: positive logits divided, negative ones multiplied; unseen ones untouched.
+    assert apply_repetition_penalty(logits, seen, 2.0).tolist() == [[1.0, -4.0, 1.0, -1.0]]
+
+
+def test_filters_agree_with_transformers_processors():
+    from transformers.generation.logits_process import (
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+    torch.manual_seed(0)
+    logits = torch.randn(4, 300) * 3
+    ids = torch.randint(0, 300, (4, 12))
+    seen = torch.zeros(4, 300, dtype=torch.bool).scatter(1, ids, True)
+    torch.testing.assert_close(apply_repetition_penalty(logits, seen, 1.7),
+                               RepetitionPenaltyLogitsProcessor(1.7)(ids, logits.clone()))
+    torch.testing.assert_close(apply_temperature(logits, 0.7), TemperatureLogitsWarper(0.7)(ids, logits.clone()))
+    assert torch.equal(top_k_filter(logits, 17), TopKLogitsWarper(17)(ids, logits.clone()))
+    for p in (0.3, 0.9, 0.99):
+        assert torch.equal(torch.isfinite(top_p_filter(logits, p)),
+                           torch.isfinite(TopPLogitsWarper(p)(ids, logits.clone())))
+
+
+def test_next_tokens_applies_the_steps_in_order():
+    logits = torch.tensor([[3.0, 2.9, -5.0, 0.0]])
+    seen = torch.tensor([[True, False, False, False]])
+    greedy = GenerationConfig(greedy=True, repetition_penalty=1.5)
+    assert next_tokens(logits, seen, greedy, [None]).tolist() == [1]  # 3.0 / 1.5 = 2.0 < 2.9
+    assert next_tokens(logits, seen, GenerationConfig(temperature=0), [None]).tolist() == [0]  # no penalty set
+    g = torch.Generator().manual_seed(0)
+    one = GenerationConfig(top_k=1, temperature=5.0)
+    assert {next_tokens(logits, None, one, [g]).item() for _ in range(20)} == {0}
+
+
+# -- bad parameters ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (dict(temperature=-0.5), "temperature must be >= 0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(top_k=-1), "top_k must be a non-negative integer"),
+    (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
+    (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
+    (dict(num_samples=0), "num_samples must be a positive integer"),
+    (dict(temperature=float("nan")), "temperature must be >= 0"),
+    (dict(stop=("",)), "stop strings must be non-empty"),
+    (dict(seed=1.5), "seed must be an integer"),
+])
+def test_bad_parameters_are_rejected_with_one_line(options, message):
+    with pytest.raises(GenerationError, match=message) as e:
+        GenerationConfig(**options)
+    assert isinstance(e.value, GPT2LabError) and "\n" not in str(e.value)
+
+
+def test_bad_prompts_are_rejected_with_one_line():
+    model = GPT(preset("gpt2-nano", vocab_size=97, n_ctx=16)).eval()
+    gen = Generator(model, eot_id=96)
+    cases = [
+        ([[]], "prompt 0 is empty: .*add_bos"),
+        ([[1, 2], []], "prompt 1 is empty"),
+        ([[1, 200]], "token id 200 outside the vocabulary 0..96"),
+        ([list(range(17))], "prompt 0 has 17 tokens but the model's context is 16: .*truncate_prompt"),
+        ([], "non-empty list"),
+    ]
+    for prompts, message in cases:
+        with pytest.raises(GenerationError, match=message) as e:
+            gen.generate_ids(prompts)
+        assert "\n" not in str(e.value)
+    with pytest.raises(GenerationError, match="stop strings need a tokenizer"):
+        gen.generate_ids([[1]], stop=("x",))
+    with pytest.raises(GenerationError, match="no tokenizer"):
+        gen.generate("hello")
+    with pytest.raises(GenerationError, match="stop_at_eot needs"):
+        Generator(model).generate_ids([[1]])
+
+
+def test_empty_prompt_with_bos_policy_starts_from_endoftext():
+    torch.manual_seed(0)
+    model = GPT(preset("gpt2-nano", vocab_size=97)).eval()
+    gen = Generator(model, eot_id=96)
+    c = gen.generate_ids([[]], add_bos=True, greedy=True, max_new_tokens=5, stop_at_eot=False)[0]
+    assert c.prompt_tokens == 1
+    assert c.token_ids == gen.generate_ids([[96]], greedy=True, max_new_tokens=5, stop_at_eot=False)[0].token_ids
+
+
+# -- context window ------------------------------------------------------------------------------------
+
+
+def test_too_long_prompt_can_keep_its_last_tokens():
+    torch.manual_seed(0)
+    model = GPT(preset("gpt2-nano", vocab_size=97, n_ctx=16)).eval()
+    gen = Generator(model, eot_id=96)
+    prompt = torch.randint(0, 96, (40,)).tolist()
+    c = gen.generate_ids([prompt], truncate_prompt=True, greedy=True, max_new_tokens=4, stop_at_eot=False)[0]
+    assert c.prompt_tokens == 12  # room left for the 4 new tokens
+    assert c.token_ids == gen.generate_ids([prompt[-12:]], greedy=True, max_new_tokens=4,
+                                           stop_at_eot=False)[0].token_ids
+    assert c.finish_reason == "length"
+
+
+def test_generation_stops_at_the_context_window_with_a_reason():
+    torch.manual_seed(0)
+    model = GPT(preset("gpt2-nano", vocab_size=97, n_ctx=16)).eval()
+    gen = Generator(model, eot_id=96)
+    c = gen.generate_ids([[1, 2, 3, 4, 5, 6]], max_new_tokens=50, stop_at_eot=False, seed=0)[0]
+    # 6 prompt tokens + 10 new ones fill the window; the 11th is predicted from the last position.
+    assert (len(c.token_ids), c.finish_reason) == (11, "context")
+    batch = gen.generate_ids([[1, 2, 3, 4, 5, 6], [1, 2]], max_new_tokens=50, stop_at_eot=False, seed=0)
+    assert [len(x.token_ids) for x in batch] == [11, 15]  # each row has its own window
+    assert batch[0].token_ids == c.token_ids
+
+
+def test_sliding_window_goes_on_past_the_context():
+    torch.manual_seed(0)
+    model = GPT(preset("gpt2-nano", vocab_size=97, n_ctx=16)).eval()
+    gen = Generator(model, eot_id=96)
+    prompt = [1, 2, 3, 4, 5, 6]
+    c = gen.generate_ids([prompt], greedy=True, max_new_tokens=40, stop_at_eot=False, slide_window=True)[0]
+    assert (len(c.token_ids), c.finish_reason) == (40, "length")
+    first = gen.generate_ids([prompt], greedy=True, max_new_tokens=11, stop_at_eot=False)[0]
+    assert c.token_ids[:11] == first.token_ids
+    # After the slide the model reads the last 12 tokens (3/4 of 16) from position 0.
+    seq = prompt + c.token_ids[:11]
+    again = gen.generate_ids([seq[-12:]], greedy=True, max_new_tokens=1, stop_at_eot=False)[0]
+    assert c.token_ids[11] == again.token_ids[0]
+
+
+# -- end of text ----------------------------------------------------------------------------------------
+
+
+def test_stops_at_endoftext_by_default_and_leaves_it_out():
+    torch.manual_seed(0)
+    model = GPT(preset("gpt2-nano", vocab_size=97)).eval()
+    free = Generator(model, eot_id=96).generate_ids([[1, 2, 3]], greedy=True, max_new_tokens=8, stop_at_eot=False)
+    eot = free[0].token_ids[3]  # pretend the 4th greedy token is <|endoftext|>
+    gen = Generator(model, eot_id=eot)
+    stopped = gen.generate_ids([[1, 2, 3]], greedy=True, max_new_tokens=8)[0]
+    first = free[0].token_ids.index(eot)
+    assert stopped.token_ids == free[0].token_ids[:first]
+    assert stopped.finish_reason == "eot"
+
+
+# -- text: stop strings and streaming -------------------------------------------------------------------
+
+
+class ByteTokenizer:
+    """Ids 0..255 are bytes; 256 is <|endoftext|>. Multi-byte characters span several tokens."""
+
+    eot_id = 256
+    vocab_size = 257
+
+    def encode(self, text, allowed_special=frozenset()):
+        return list(text.encode())
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode(errors="replace")
+
+    def stream_decoder(self):
+        import codecs
+
+        class Decoder:
+            def __init__(self):
+                self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+            def add(self, ids):
+                return self.utf8.decode(bytes(i for i in ids if i < 256))
+
+            def flush(self):
+                return self.utf8.decode(b"", final=True)
+
+        return Decoder()
+
+
+def feed(stops, pieces):
+    tok = ByteTokenizer()
+    st = StopText(tok.stream_decoder(), stops)
+    out = []
+    for piece in pieces:
+        for b in piece.encode():
+            out.append(st.add(b))
+            if st.stopped:
+                return out, st
+    out.append(st.flush())
+    return out, st
+
+
+def test_stop_string_spanning_tokens_is_found_and_left_out():
+    out, st = feed(["END"], ["abc E", "N", "D more"])
+    assert "".join(out) == "abc " and st.stopped and st.stop_at == 4
+    # Held-back text that turns out not to be a stop string is released.
+    out, st = feed(["END"], ["a EN x"])
+    assert "".join(out) == "a EN x" and not st.stopped
+    assert out[2] == "" and out[3] == ""  # "E" and "N" were held back until " " settled them
+    out, st = feed(["\n\n", "###"], ["one\ntwo##x\n\nthree"])
+    assert "".join(out) == "one\ntwo##x"
+
+
+def test_stop_string_inside_a_multibyte_character_stream():
+    out, st = feed(["é!"], ["caf", "é", "!", "tail"])
+    assert "".join(out) == "caf"
+    assert all("\ufffd" not in piece for piece in out)
+
+
+def test_streaming_never_splits_a_character_and_joins_to_the_text():
+    torch.manual_seed(0)
+    model = GPT(preset("gpt2-nano", vocab_size=257)).eval()
+    gen = Generator(model, ByteTokenizer())
+    # Random weights over a byte vocabulary: plenty of multi-byte starts and invalid sequences.
+    for seed in range(3):
+        events = list(gen.stream("héllo wörld", max_new_tokens=40, seed=seed, stop_at_eot=False))
+        pieces = [e.text for e in events]
+        completion = gen.generate("héllo wörld", max_new_tokens=40, seed=seed, stop_at_eot=False)[0]
+        assert "".join(pieces) == completion.text == ByteTokenizer().decode(completion.token_ids)
+        for piece in pieces[:-1]:
+            piece.encode("utf-8")  # whole characters only (a lone surrogate would raise)
+        assert events[-1].finish_reason == "length"
+        assert [e.token_id for e in events] == completion.token_ids
+
+
+def test_generation_stops_at_a_stop_string_spanning_tokens():
+    torch.manual_seed(0)
+    model = GPT(preset("gpt2-nano", vocab_size=257)).eval()
+    gen = Generator(model, ByteTokenizer())
+    options = dict(seed=1, temperature=0.7, max_new_tokens=40, stop_at_eot=False)
+    free = gen.generate("go", **options)[0]
+    text = free.text
+    # Three ASCII characters (three byte tokens) from inside the continuation.
+    start = next(i for i in range(4, len(text)) if text[i:i + 3].isascii() and len(text[i:i + 3]) == 3)
+    stop = text[start:start + 3]
+    got = gen.generate("go", stop=(stop,), **options)[0]
+    assert got.finish_reason == "stop"
+    assert got.text == text[:text.index(stop)]
+    assert stop not in got.text
+    assert ByteTokenizer().decode(got.token_ids) == got.text  # the stop string's tokens are left out
+    n = len(got.token_ids)
+    assert got.token_ids == free.token_ids[:n] and len(got.logprobs) == n
+    assert free.token_ids[n:n + 3] == list(stop.encode())  # the next three tokens are the stop string
+    streamed = "".join(e.text for e in gen.stream("go", stop=(stop,), **options))
+    assert streamed == got.text
