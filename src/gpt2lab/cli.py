@@ -1,17 +1,21 @@
 """The `gpt2lab` command: one table from subcommand to a typed Python function.
 
 Each function's signature becomes its arguments (parameters without a default are positional,
-the rest are --options) and its docstring becomes the help, so the CLI and the Python API are
-the same functions. A function's return value is printed: strings as they are, dicts as JSON.
+keyword-only ones and the rest are --options, a config dataclass parameter gives one --option per
+field) and its docstring becomes the help, so the CLI and the Python API are the same functions.
+A function's return value is printed: strings as they are, dicts as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
 import importlib
 import inspect
 import json
 import sys
+import textwrap
 import types
 import typing
 from collections.abc import Callable
@@ -26,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "convert": "checkpoint:convert",
     "info": "checkpoint:info",
     "prepare": "data:prepare",
+    "train": "train:train",
     "tokenizer encode": "tokenizer:encode_files",
     "tokenizer decode": "tokenizer:decode_ids",
     "tokenizer count": "tokenizer:count_tokens",
@@ -47,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        result = func(**args)
+        result = func(**_grouped(args))
     except (GPT2LabError, ValueError, FileNotFoundError) as e:
         print(f"gpt2lab: error: {e}", file=sys.stderr)
         return 2
@@ -107,21 +112,71 @@ def _parse_doc(func: Callable[..., Any]) -> tuple[str, dict[str, str]]:
 
 def _add_arguments(parser: argparse.ArgumentParser, func: Callable[..., Any], docs: dict[str, str]) -> None:
     hints = typing.get_type_hints(func)
+    groups: dict[str, type] = {}
     for p in inspect.signature(func).parameters.values():
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
-        kind, choices, many = _arg_type(hints.get(p.name, str))
-        help_ = docs.get(p.name, "")
-        if p.default is inspect.Parameter.empty:
-            parser.add_argument(p.name, type=kind, choices=choices, nargs="+" if many else None, help=help_)
-            continue
-        flag = "--" + p.name.replace("_", "-")
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=p.default, help=help_)
-        else:
-            shown = f" (default: {p.default})" if p.default not in (None, (), []) else ""
-            parser.add_argument(flag, dest=p.name, type=kind, choices=choices, default=p.default,
-                                nargs="+" if many else None, help=help_ + shown)
+        hint = hints.get(p.name, str)
+        if (cls := _config_class(hint)) is not None:
+            # A config dataclass parameter becomes one --option per field, its docstring the help.
+            field_hints, field_docs = typing.get_type_hints(cls), _field_docs(cls)
+            for f in dataclasses.fields(cls):
+                _add_option(parser, f.name, f"{p.name}.{f.name}", field_hints[f.name], f.default,
+                            field_docs.get(f.name, ""))
+            groups[p.name] = cls
+        elif p.default is inspect.Parameter.empty and p.kind is not p.KEYWORD_ONLY:
+            kind, choices, many = _arg_type(hint)
+            parser.add_argument(p.name, type=kind, choices=choices, nargs="+" if many else None,
+                                help=docs.get(p.name, "").replace("%", "%%"))
+        else:  # keyword-only parameters without a default are required --options
+            _add_option(parser, p.name, p.name, hint, p.default, docs.get(p.name, ""))
+    parser.set_defaults(_groups=groups)
+
+
+def _add_option(parser: argparse.ArgumentParser, name: str, dest: str, hint: Any, default: Any, help_: str) -> None:
+    kind, choices, many = _arg_type(hint)
+    flag = "--" + name.replace("_", "-")
+    help_ = help_.replace("%", "%%")
+    required = default is inspect.Parameter.empty or default is dataclasses.MISSING
+    if kind is bool and not required:
+        parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_)
+        return
+    shown = f" (default: {default})" if not required and default not in (None, (), []) else ""
+    parser.add_argument(flag, dest=dest, type=kind, choices=choices, required=required,
+                        metavar=None if choices else name.upper(),
+                        default=None if required else default, nargs="+" if many else None, help=help_ + shown)
+
+
+def _config_class(hint: Any) -> type | None:
+    """The dataclass that a `Config` or `Config | None` parameter takes, else None."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = inner[0] if len(inner) == 1 else None
+    return hint if isinstance(hint, type) and dataclasses.is_dataclass(hint) else None
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """A dataclass's attribute docstrings (the string under each field), which Python does not keep."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs = {}
+    for node, after in zip(body, body[1:], strict=False):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _grouped(args: dict[str, Any]) -> dict[str, Any]:
+    """Parsed options with each config dataclass's fields gathered back into one instance."""
+    for name, cls in args.pop("_groups", {}).items():
+        prefix = f"{name}."
+        fields = {key: args.pop(key) for key in [k for k in args if k.startswith(prefix)]}
+        args[name] = cls(**{key.removeprefix(prefix): value for key, value in fields.items()})
+    return args
 
 
 def _arg_type(hint: Any) -> tuple[Any, list[Any] | None, bool]:

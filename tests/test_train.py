@@ -1,0 +1,393 @@
+"""The training loop: schedule, loss, checkpoints, bit-identical resume, signals, divergence, DDP."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2lab import load_model, preset
+from gpt2lab.checkpoint import latest_checkpoint
+from gpt2lab.errors import TrainingError
+from gpt2lab.model import GPT
+from gpt2lab.train import (
+    Strategy,
+    TrainConfig,
+    fit,
+    flops_per_token,
+    learning_rate,
+    lm_loss,
+    param_groups,
+)
+
+VOCAB = 64
+
+
+class Corpus:
+    """A learnable token stream (a noisy Markov chain) with data.Loader's interface."""
+
+    def __init__(self, *, batch_size: int = 2, block_size: int = 16, seed: int = 0, n: int = 4000) -> None:
+        rng = np.random.default_rng(1234)
+        table = rng.integers(0, VOCAB, size=VOCAB)
+        tokens = np.empty(n, dtype=np.int64)
+        tokens[0] = 0
+        noise = rng.random(n) < 0.1
+        random_tokens = rng.integers(0, VOCAB, size=n)
+        for i in range(1, n):
+            tokens[i] = random_tokens[i] if noise[i] else table[tokens[i - 1]]
+        self.tokens = torch.from_numpy(tokens)
+        self.batch_size, self.block_size, self.seed = batch_size, block_size, seed
+
+    def _windows(self, starts) -> tuple[torch.Tensor, torch.Tensor]:
+        w = torch.stack([self.tokens[s:s + self.block_size + 1] for s in starts])
+        return w[:, :-1], w[:, 1:]
+
+    def get(self, step: int, index: int = 0):
+        rng = np.random.default_rng([self.seed, step, index])
+        return self._windows(rng.integers(0, len(self.tokens) - self.block_size - 1, size=self.batch_size).tolist())
+
+    def eval_batches(self, n: int):
+        starts = np.linspace(0, len(self.tokens) - self.block_size - 2, n * self.batch_size).astype(int).tolist()
+        for b in range(n):
+            yield self._windows(starts[b * self.batch_size:(b + 1) * self.batch_size])
+
+
+def tiny_model(seed: int = 0, dropout: float = 0.0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(preset("gpt2-nano", vocab_size=VOCAB, n_ctx=32, dropout=dropout))
+
+
+def config(**overrides) -> TrainConfig:
+    base = dict(batch_size=4, micro_batch=2, block_size=16, max_steps=8, lr=3e-3, min_lr=3e-4, warmup_steps=2,
+                eval_interval=4, eval_batches=2, log_interval=1, ckpt_interval=4, keep_last=5, device="cpu",
+                peak_tflops=1.0, model="gpt2-nano")
+    return TrainConfig(**(base | overrides))
+
+
+def run(tmp_path: Path, name: str, cfg: TrainConfig, *, model: GPT | None = None, resume: bool = False, **kw):
+    model = model if model is not None else tiny_model(dropout=cfg.dropout)
+    result = fit(model, cfg, Corpus(batch_size=cfg.micro_batch), val=Corpus(batch_size=cfg.micro_batch),
+                 run_dir=tmp_path / name, resume=resume, **kw)
+    return model, result
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["train_loss"] for r in metrics(run_dir) if "train_loss" in r}
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+# -- pieces ----------------------------------------------------------------------------------
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine_to_min_lr():
+    kw = dict(lr=1.0, min_lr=0.1, warmup=10, horizon=110)
+    assert learning_rate(0, **kw) == pytest.approx(0.1)
+    assert learning_rate(9, **kw) == pytest.approx(1.0)
+    assert learning_rate(10, **kw) == pytest.approx(1.0)
+    assert learning_rate(60, **kw) == pytest.approx(0.55)  # halfway down the cosine
+    assert learning_rate(110, **kw) == pytest.approx(0.1)
+    assert learning_rate(500, **kw) == pytest.approx(0.1)
+    lrs = [learning_rate(s, **kw) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+
+
+def test_weight_decay_applies_to_2d_weights_only():
+    model = tiny_model()
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "transformer.wte.weight" in decayed and "transformer.h.0.attn.c_attn.weight" in decayed
+    assert not any(n.endswith("bias") or ".ln_" in n for n in decayed)
+    assert {names[id(p)] for p in no_decay["params"]} >= {"transformer.ln_f.weight", "transformer.h.0.mlp.c_fc.bias"}
+    # The tied head is one parameter, optimised once.
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_weight_decay_groups_skip_frozen_parameters():
+    model = tiny_model()
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("transformer.h.1."))
+    groups = param_groups(model, 0.1)
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(
+        p.numel() for n, p in model.named_parameters() if n.startswith("transformer.h.1."))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(TrainingError, match="nothing would train"):
+        param_groups(model, 0.1)
+
+
+def test_lm_loss_is_cross_entropy_and_the_mask_drops_positions():
+    logits = torch.randn(2, 5, 11)
+    x, y = torch.randint(0, 11, (2, 5)), torch.randint(0, 11, (2, 5))
+    assert torch.allclose(lm_loss(logits, (x, y)), F.cross_entropy(logits.reshape(10, 11), y.reshape(10)))
+    mask = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 1, 1]])
+    kept = mask.bool()
+    expected = F.cross_entropy(logits[kept], y[kept])
+    assert torch.allclose(lm_loss(logits, (x, y, mask)), expected)
+    # Masked-out targets (a prompt) contribute nothing, whatever they are.
+    y2 = torch.where(kept, y, (y + 3) % 11)
+    assert torch.equal(lm_loss(logits, (x, y2, mask)), lm_loss(logits, (x, y, mask)))
+
+
+def test_flops_per_token_is_palm_estimate():
+    cfg = preset("gpt2")
+    n = 124_439_808 - 1024 * 768  # every weight that multiplies, the tied head included, not the position table
+    assert flops_per_token(cfg, 1024) == 6 * n + 12 * 12 * 12 * 64 * 1024
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(batch_size=0), "batch_size"), (dict(lr=0.0), "lr"), (dict(min_lr=1.0, lr=0.1), "min_lr"),
+    (dict(beta2=1.0), "betas"), (dict(batch_size=6, micro_batch=4), "multiple"),
+    (dict(precision="fp16"), "precision"), (dict(patience=2, eval_interval=0), "patience"),
+])
+def test_train_config_rejects_bad_values(bad, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**bad)
+
+
+def test_accumulation_splits_the_global_batch_over_ranks_and_micro_steps():
+    assert TrainConfig(batch_size=32, micro_batch=4).accumulation(1) == (4, 8)
+    assert TrainConfig(batch_size=32, micro_batch=4).accumulation(2) == (4, 4)
+    assert TrainConfig(batch_size=32).accumulation(2) == (16, 1)
+    with pytest.raises(ValueError, match="processes"):
+        TrainConfig(batch_size=4, micro_batch=4).accumulation(2)
+
+
+# -- the loop --------------------------------------------------------------------------------
+
+
+def test_fit_learns_and_writes_a_complete_run_folder(tmp_path):
+    cfg = config(max_steps=30, ckpt_interval=10, eval_interval=10, keep_last=2)
+    model, result = run(tmp_path, "run", cfg, bytes_per_token=2.0)
+    run_dir = tmp_path / "run"
+    rows = metrics(run_dir)
+    assert rows[0]["step"] == 0 and "val_loss" in rows[0]  # the untrained model's loss, for the curve
+    assert rows[0]["val_loss"] == pytest.approx(math.log(VOCAB), abs=0.3)
+    assert result.stop_reason == "max_steps" and result.step == 30
+    assert result.val_loss < rows[0]["val_loss"] - 0.5
+    assert result.val_bpb == pytest.approx(result.val_loss / math.log(2) / 2.0)
+    logged = [r for r in rows if "train_loss" in r]
+    assert [r["step"] for r in logged] == list(range(1, 31))
+    for key in ("lr", "grad_norm", "tokens_per_s", "mfu", "elapsed_s", "tokens"):
+        assert all(math.isfinite(r[key]) for r in logged), key
+    assert logged[-1]["tokens"] == 30 * 4 * 16
+    assert [r["step"] for r in rows if "val_bpb" in r] == [0, 10, 20, 30]
+    # Checkpoints every 10 steps, the last two kept, the newest loadable as the run.
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000020", "step-00000030"]
+    ckpt = run_dir / "checkpoints" / "step-00000030"
+    assert {"config.json", "model.safetensors", "train_state.pt"} <= {p.name for p in ckpt.iterdir()}
+    assert_same_weights(load_model(run_dir), model)
+    state = torch.load(ckpt / "train_state.pt", weights_only=True)
+    assert state["progress"]["step"] == 30 and state["data"] == {"step": 30, "seed": 0}
+    assert {"python", "numpy", "torch"} <= set(state["rng"])
+    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    prov = json.loads((run_dir / "provenance.jsonl").read_text().splitlines()[0])
+    assert prov["train_config"]["max_steps"] == 30 and prov["model_config"]["vocab_size"] == VOCAB
+    assert prov["versions"]["torch"] == torch.__version__ and prov["device"]["type"] == "cpu"
+    assert "sha" in prov["git"]
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+    # Dropout and accumulation on, so RNG state and optimizer state both have to come back exactly.
+    # decay_steps pins the schedule, so that the first half may stop at max_steps=4.
+    cfg = config(max_steps=8, ckpt_interval=4, dropout=0.1, decay_steps=8)
+    straight, _ = run(tmp_path, "straight", cfg)
+    run(tmp_path, "resumed", config(max_steps=4, ckpt_interval=4, dropout=0.1, decay_steps=8))
+    resumed, result = run(tmp_path, "resumed", cfg, model=tiny_model(seed=99, dropout=0.1), resume=True)
+    assert result.step == 8
+    assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "straight")
+    assert_same_weights(resumed, straight)
+    a = torch.load(tmp_path / "straight/checkpoints/step-00000008/train_state.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed/checkpoints/step-00000008/train_state.pt", weights_only=True)
+    for pid, s in a["optimizer"]["state"].items():
+        assert torch.equal(s["exp_avg_sq"], b["optimizer"]["state"][pid]["exp_avg_sq"])
+    # The resumed run's log is one run: its provenance says where it resumed.
+    events = [json.loads(line)["event"] for line in (tmp_path / "resumed/provenance.jsonl").read_text().splitlines()]
+    assert events == ["start", "resume"]
+
+
+def test_resume_needs_a_checkpoint_and_a_fresh_run_refuses_an_existing_one(tmp_path):
+    with pytest.raises(TrainingError, match="no complete checkpoint"):
+        run(tmp_path, "empty", config(), resume=True)
+    run(tmp_path, "run", config(max_steps=4))
+    with pytest.raises(TrainingError, match="--resume"):
+        run(tmp_path, "run", config(max_steps=4))
+    with pytest.raises(TrainingError, match="batch_size"):
+        run(tmp_path, "run", config(max_steps=8, batch_size=8), resume=True)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes_identically(tmp_path):
+    cfg = config(max_steps=8, ckpt_interval=100)
+    straight, _ = run(tmp_path, "straight", cfg)
+
+    def press_ctrl_c(step, _metrics):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    before = signal.getsignal(signal.SIGINT)
+    _, result = run(tmp_path, "stopped", cfg, on_step=press_ctrl_c)
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is fit's only while it runs
+    assert result.stop_reason == "interrupted" and result.step == 4
+    assert latest_checkpoint(tmp_path / "stopped").name == "step-00000004"
+    resumed, _ = run(tmp_path, "stopped", cfg, resume=True)
+    assert_same_weights(resumed, straight)
+    assert train_losses(tmp_path / "stopped") == train_losses(tmp_path / "straight")
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    calls = {"n": 0}
+
+    def poisoned(logits, batch):
+        calls["n"] += 1
+        loss = lm_loss(logits, batch)
+        return loss * math.nan if calls["n"] > 2 * 5 else loss  # 2 micro-batches a step: step 6 is bad
+
+    cfg = config(max_steps=10, ckpt_interval=2, eval_interval=0)
+    with pytest.raises(TrainingError, match="step 6") as err:
+        run(tmp_path, "run", cfg, strategy=Strategy(loss=poisoned))
+    assert "step-00000004" in str(err.value)
+    run_dir = tmp_path / "run"
+    assert latest_checkpoint(run_dir).name == "step-00000004"
+    assert not any(p.name.startswith(".") for p in (run_dir / "checkpoints").iterdir())
+    assert all(math.isfinite(v) for v in load_model(run_dir).state_dict()["transformer.wte.weight"].flatten())
+
+
+def test_max_minutes_stops_with_a_checkpoint_and_fixes_the_schedule(tmp_path):
+    # A tiny time budget: the run stops on time, saves, and has fixed the cosine's end from its speed.
+    cfg = config(max_steps=10_000, max_minutes=0.02, warmup_steps=2, ckpt_interval=10_000, log_interval=50)
+    _, result = run(tmp_path, "run", cfg)
+    assert result.stop_reason == "max_minutes"
+    assert 10 < result.step < 10_000
+    assert latest_checkpoint(tmp_path / "run").name == f"step-{result.step:08d}"
+    state = torch.load(latest_checkpoint(tmp_path / "run") / "train_state.pt", weights_only=True)
+    assert 10 < state["progress"]["horizon"] < 10_000
+    assert metrics(tmp_path / "run")[-1]["step"] == result.step
+
+
+def test_early_stopping_keeps_and_marks_the_best_checkpoint(tmp_path):
+    class Opposite(Corpus):
+        """Validation text that follows the reverse of the training chain: its loss rises as training learns."""
+
+        def eval_batches(self, n):
+            for x, y in super().eval_batches(n):
+                yield y, x
+
+    cfg = config(max_steps=50, eval_interval=2, patience=2, keep_best=True, keep_last=1, ckpt_interval=100, lr=1e-2)
+    model = tiny_model()
+    result = fit(model, cfg, Corpus(batch_size=2), val=Opposite(batch_size=2), run_dir=tmp_path / "run")
+    assert result.stop_reason == "early_stopping"
+    best = json.loads((tmp_path / "run/best.json").read_text())
+    assert best["step"] == result.best_step < result.step == best["step"] + 2 * cfg.patience
+    assert (tmp_path / "run" / best["checkpoint"] / "model.safetensors").is_file()  # kept beyond keep_last
+    assert latest_checkpoint(tmp_path / "run").name == f"step-{result.step:08d}"
+
+
+def test_extra_files_and_frozen_parameters(tmp_path):
+    model = tiny_model()
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("transformer.h.2."))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = config(max_steps=3, ckpt_interval=3)
+    _, result = run(tmp_path, "run", cfg, model=model, strategy=Strategy(extra_files={"template.txt": "Q: {q}"}))
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("transformer.h.2.") for k in changed)
+    assert (result.checkpoint / "template.txt").read_text() == "Q: {q}"
+
+
+# -- a killed process ------------------------------------------------------------------------
+
+KILLED_RUN = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    sys.path.insert(0, {tests!r})
+    from test_train import Corpus, config, tiny_model
+    from gpt2lab.checkpoint import write_model_files
+    from gpt2lab.train import Strategy, fit
+
+    torch.set_num_threads(1)
+    def save_then_die(model, folder, tokenizer):
+        write_model_files(model, folder, tokenizer)
+        if "step-00000006" in str(folder):  # killed halfway through writing checkpoint 6
+            os.kill(os.getpid(), signal.SIGKILL)
+    fit(tiny_model(), config(max_steps=8, ckpt_interval=2), Corpus(), val=Corpus(), run_dir={run!r},
+        strategy=Strategy(save=save_then_die))
+""")
+
+
+@pytest.mark.slow
+def test_kill_9_loses_only_the_steps_since_the_last_checkpoint(tmp_path):
+    run_dir = tmp_path / "killed"
+    script = KILLED_RUN.format(tests=str(Path(__file__).parent), run=str(run_dir))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert latest_checkpoint(run_dir).name == "step-00000004"  # the half-written step 6 does not count
+    resumed, result = run(tmp_path, "killed", config(max_steps=8, ckpt_interval=2), resume=True)
+    assert result.step == 8
+    assert not any(p.name.startswith(".") for p in (run_dir / "checkpoints").iterdir())
+    straight, _ = run(tmp_path, "straight", config(max_steps=8, ckpt_interval=2))
+    assert_same_weights(resumed, straight)
+
+
+# -- distributed -----------------------------------------------------------------------------
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, run_dir: str, fsdp: bool) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        fit(tiny_model(), config(max_steps=6, micro_batch=2, fsdp=fsdp), Corpus(batch_size=2),
+            val=Corpus(batch_size=2), run_dir=run_dir)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_processes_match_one_process_with_accumulation(tmp_path, fsdp):
+    import torch.multiprocessing as mp
+
+    single, _ = run(tmp_path, "single", config(max_steps=6, micro_batch=2))  # 1 process x 2 micro-batches
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), fsdp), nprocs=2, join=True)
+    one, two = train_losses(tmp_path / "single"), train_losses(tmp_path / "ddp")
+    assert one.keys() == two.keys()
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6)
+    # Rank 0 alone wrote the run: one provenance line, and a checkpoint that loads as a plain model.
+    assert len((tmp_path / "ddp/provenance.jsonl").read_text().splitlines()) == 1
+    loaded = load_model(tmp_path / "ddp")
+    for k, v in single.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v, rtol=1e-4, atol=1e-5)
