@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "tokenizer decode": "tokenizer:decode_ids",
     "tokenizer count": "tokenizer:count_tokens",
     "tokenizer train": "tokenizer:train_tokenizer",
+    "eval": "evaluate:evaluate",
 }
 
 
