@@ -20,7 +20,7 @@ from gpt2lab import GPT, GPTConfig, Tokenizer, load_model, load_tokenizer, save_
 from gpt2lab.checkpoint import convert, export_hf
 from gpt2lab.cli import main
 from gpt2lab.errors import GPT2LabError, TokenizerError, TokenizerMismatch
-from gpt2lab.tokenizer import EOT, GPT2_PACKAGE, _chunks, _safe_cut, train_tokenizer
+from gpt2lab.tokenizer import EOT, GPT2_PACKAGE, _chunks, _split, train_tokenizer
 
 # -- oracles -----------------------------------------------------------------------------------
 
@@ -514,7 +514,27 @@ def test_training_chunks_cut_only_between_pre_tokens(tmp_path):
     assert len(chunks) > 10 and "".join(chunks) == text and bar.n == len(text.encode("utf-8"))
     pieces = [p for c in chunks for p in OpenAIEncoder.pat.findall(c)]
     assert pieces == OpenAIEncoder.pat.findall(text)
-    assert _safe_cut("a \nb") == 0 and _safe_cut("a\n b") == 0 and _safe_cut("ab\ncd\nef") == 6
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list(" \t\n\r\x0b\x1c\u00a0\u2028'sab1.漢")), max_size=80),
+       st.integers(1, 20))
+def test_safe_cuts_change_no_pre_token(text, size):
+    parts = _split(text, size)
+    assert "".join(parts) == text and all(parts[:-1])
+    assert [p for part in parts for p in OpenAIEncoder.pat.findall(part)] == OpenAIEncoder.pat.findall(text)
+
+
+def test_one_large_text_is_encoded_in_parallel_parts_with_the_same_ids(tok, monkeypatch):
+    import gpt2lab.tokenizer as module
+
+    monkeypatch.setattr(module, "PART_CHARS", 2000)
+    texts = ["\n".join(varied_corpus(seed=8, n_docs=60)), "x" * 5000, "short"]
+    assert len(_split(texts[0], 2000)) > 10
+    assert tok.encode_batch(texts, num_threads=2) == [tok.encode(t) for t in texts]
+    special = texts[0] + EOT + texts[0]
+    expected = tok.encode(special, allowed_special="all")
+    assert tok.encode_batch([special], allowed_special="all", num_threads=2) == [expected]
 
 
 def test_train_rejects_bad_arguments(tmp_path):

@@ -27,6 +27,7 @@ import hashlib
 import json
 import operator
 import os
+import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -290,18 +291,37 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str], *, allowed_special: AllowedSpecial = frozenset(),
                      num_threads: int | None = None) -> list[list[int]]:
-        """`encode` each text, on all cores (tiktoken releases the GIL while it encodes)."""
+        """`encode` each text, on all cores (tiktoken releases the GIL while it encodes).
+
+        Texts longer than a few hundred KB are cut where GPT-2's pre-tokenizer cuts anyway and the
+        parts encoded in parallel, so even one large text uses every core; the ids are the same.
+        """
         texts = list(texts)
-        threads = max(1, min(num_threads or _cpu_count(), len(texts)))
-        self._allowed(allowed_special)  # fail here, not inside a worker
-        encode = functools.partial(self.encode, allowed_special=allowed_special)
+        threads = max(1, num_threads or _cpu_count())
+        allowed = self._allowed(allowed_special)  # fail here, not inside a worker
+        encode = functools.partial(self.encode, allowed_special=allowed)
         if threads == 1:
             return [encode(t) for t in texts]
+        splittable = not any(c.isspace() for t in allowed for c in t)  # a cut must not split a special token
+        parts: list[str] = []
+        counts: list[int] = []
+        for t in texts:
+            _check_text(t)  # before cutting, so an error names the index in the whole text
+            pieces = _split(t, PART_CHARS) if splittable and len(t) > PART_CHARS else [t]
+            parts += pieces
+            counts.append(len(pieces))
         # A few slices per thread, not one task per text: millions of short documents stay cheap.
-        step = -(-len(texts) // (threads * 4))
-        slices = [texts[i:i + step] for i in range(0, len(texts), step)]
-        with ThreadPoolExecutor(threads) as pool:
-            return [ids for part in pool.map(lambda s: [encode(t) for t in s], slices) for ids in part]
+        step = -(-len(parts) // (threads * 4)) or 1
+        slices = [parts[i:i + step] for i in range(0, len(parts), step)]
+        with ThreadPoolExecutor(min(threads, len(slices)) or 1) as pool:
+            encoded = iter([ids for part in pool.map(lambda s: [encode(t) for t in s], slices) for ids in part])
+        out: list[list[int]] = []
+        for n in counts:
+            ids = next(encoded)
+            for _ in range(n - 1):
+                ids += next(encoded)
+            out.append(ids)
+        return out
 
     def _allowed(self, allowed_special: AllowedSpecial) -> frozenset[str]:
         if allowed_special == "all":
@@ -480,6 +500,41 @@ def _from_record(path: Path, rec: dict[str, Any]) -> Tokenizer:
 
 # -- small helpers -----------------------------------------------------------------------------
 
+PART_CHARS = 1 << 18  # encode_batch cuts longer texts into parts of about this size
+# Just before a space or newline that a non-space follows, GPT-2's regex always ends a piece (a
+# whitespace run gives up its last character to what follows), and the piece starting there does
+# not depend on anything before it (the regex never looks behind). So cutting a text there and
+# encoding the parts separately gives the same ids. Python's \S is stricter than Unicode's, so a
+# cut is never placed where the regex engines might disagree.
+_CUT = re.compile(r"[ \n](?=\S)")
+
+
+def _last_cut(text: str, lo: int, hi: int) -> int:
+    """The last safe cut in text[lo:hi], looking at the last 4 KB first (-1 if there is none)."""
+    for start in (max(lo, hi - 4096), lo):
+        last = -1
+        for m in _CUT.finditer(text, start, hi):
+            last = m.start()
+        if last >= 0:
+            return last
+    return -1
+
+
+def _split(text: str, size: int) -> list[str]:
+    """`text` in parts of about `size` characters, cut only at safe cuts."""
+    parts, pos = [], 0
+    while len(text) - pos > size:
+        cut = _last_cut(text, pos + 1, pos + size)
+        if cut < 0:
+            m = _CUT.search(text, pos + size)
+            if m is None:
+                break
+            cut = m.start()
+        parts.append(text[pos:cut])
+        pos = cut
+    parts.append(text[pos:])
+    return parts
+
 
 def _check_text(text: str) -> None:
     if not isinstance(text, str):
@@ -602,31 +657,23 @@ def _trained_vocabulary(merges: list[Any]) -> Vocabulary:
 
 
 def _chunks(files: Sequence[Path], bar: Any, size: int = 1 << 20) -> Iterator[str]:
-    """The files' text in ~`size` pieces, cut only where GPT-2's pre-tokenizer would cut anyway.
-
-    A cut after "x\\n" before a non-space character splits no word and no whitespace run, so the
-    trainer sees exactly the pieces it would see in the whole file.
-    """
+    """The files' text in ~`size` pieces, cut only where GPT-2's pre-tokenizer cuts anyway, so the
+    trainer counts exactly the pieces of the whole files while holding one piece at a time."""
     for f in files:
         with open(f, encoding="utf-8", newline="") as fh:
             rest = ""
             while block := fh.read(size):
                 bar.update(len(block.encode("utf-8")))
                 text = rest + block
-                cut = _safe_cut(text)
-                yield text[:cut]
-                rest = text[cut:]
+                cut = _last_cut(text, 1, len(text))
+                if cut < 0 and len(text) > 64 * size:  # no space in 64 MB: bound memory, accept one odd cut
+                    cut = len(text)
+                if cut > 0:
+                    yield text[:cut]
+                    text = text[cut:]
+                rest = text
             if rest:
                 yield rest
-
-
-def _safe_cut(text: str) -> int:
-    """The end of the last line in `text` after which a cut changes no pre-token (0 if none)."""
-    i = len(text) - 1
-    while (i := text.rfind("\n", 0, i)) > 0:
-        if not text[i - 1].isspace() and not text[i + 1].isspace():
-            return i + 1
-    return 0
 
 
 # -- the command line ----------------------------------------------------------------------------
