@@ -32,6 +32,7 @@ import os
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -429,6 +430,21 @@ def _batches(pieces: Iterable[_Piece], chars: int) -> Iterator[list[_Piece]]:
         yield batch
 
 
+def _encoded(batches: Iterable[list[_Piece]], tok: Tokenizer,
+             workers: int | None) -> Iterator[tuple[list[_Piece], list[list[int]]]]:
+    """(batch, its token ids), in order. Each batch is tokenized while the caller writes the one
+    before and the next is read: reading and writing hold the GIL, tiktoken's encoding does not."""
+    with ThreadPoolExecutor(1) as pool:
+        ahead = None
+        for batch in batches:
+            job = (batch, pool.submit(tok.encode_batch, [p.text for p in batch], num_threads=workers))
+            if ahead is not None:
+                yield ahead[0], ahead[1].result()
+            ahead = job
+        if ahead is not None:
+            yield ahead[0], ahead[1].result()
+
+
 def _write_splits(src: _Source, tok: Tokenizer, folder: Path, *, val_fraction: float, shard_tokens: int,
                   workers: int | None, progress: bool) -> dict[str, dict[str, Any]]:
     """Tokenize the source's documents into both splits' shards in `folder`; their statistics."""
@@ -437,8 +453,8 @@ def _write_splits(src: _Source, tok: Tokenizer, folder: Path, *, val_fraction: f
     stats = {s: {"documents": 0, "tokens": 0, "bytes": 0} for s in SPLITS}
     with tqdm(total=src.size, unit="B", unit_scale=True, desc=f"prepare {src.spec}", disable=not progress,
               dynamic_ncols=True) as bar:
-        for batch in _batches(_pieces(src.documents(), val_fraction), BATCH_CHARS):
-            ids = tok.encode_batch([p.text for p in batch], num_threads=workers)
+        batches = _batches(_pieces(src.documents(), val_fraction), BATCH_CHARS)
+        for batch, ids in _encoded(batches, tok, workers):
             for piece, piece_ids in zip(batch, ids, strict=True):
                 info = stats[piece.split]
                 if piece.last:
