@@ -15,6 +15,7 @@ weights are the transposes of ours; everything else maps one to one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -27,8 +28,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import lora
 from .config import GPTConfig
 from .errors import CheckpointError, TokenizerMismatch
+from .fetch import sha256_file
 from .model import GPT
 from .tokenizer import GPT2_SHA256, Tokenizer, read_record
 
@@ -128,10 +131,23 @@ def _unwrap(model: torch.nn.Module) -> GPT:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete `checkpoints/step-*` folder of a training run, or None."""
+    """The newest complete `checkpoints/step-*` folder of a training run (a model or a LoRA adapter), or None."""
     steps = sorted(Path(run_dir).glob("checkpoints/step-*"))
-    complete = [p for p in steps if (p / "config.json").is_file() and (p / WEIGHTS).is_file()]
+    complete = [p for p in steps if ((p / "config.json").is_file() and (p / WEIGHTS).is_file())
+                or ((p / lora.ADAPTER_CONFIG).is_file() and (p / lora.ADAPTER_WEIGHTS).is_file())]
     return complete[-1] if complete else None
+
+
+def adapter_folder(path: str | Path) -> Path | None:
+    """The LoRA adapter folder that `path` names (itself, or a run's newest checkpoint), or None."""
+    path = Path(path)
+    if lora.is_adapter(path):
+        return path
+    if path.is_dir() and not (path / "config.json").is_file():
+        latest = latest_checkpoint(path)
+        if latest is not None and lora.is_adapter(latest):
+            return latest
+    return None
 
 
 def resolve(path: str | Path) -> tuple[Path, Literal["gpt2lab", "hf"]]:
@@ -143,6 +159,9 @@ def resolve(path: str | Path) -> tuple[Path, Literal["gpt2lab", "hf"]]:
         raise CheckpointError(f"{path} is a file: give the folder that holds config.json and the weights")
     config = path / "config.json"
     if not config.is_file():
+        if (adapter := adapter_folder(path)) is not None:
+            raise CheckpointError(f"{adapter} is a LoRA adapter, not a full checkpoint: load it with load_model, "
+                                  "or write a plain checkpoint with `gpt2lab lora merge`")
         if (latest := latest_checkpoint(path)) is not None:
             return resolve(latest)
         raise CheckpointError(f"{path} is not a GPT-2 checkpoint: it has no config.json (nor checkpoints/step-*)")
@@ -190,7 +209,15 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None,
     The model is built on the meta device and the loaded tensors are assigned to it, so the
     weights are held in memory once. Returns the model in eval mode. Given a `tokenizer`, raises
     TokenizerMismatch unless it is the one the checkpoint records (or fits, if it records none).
+    A LoRA adapter folder (or a LoRA run) loads the base it names, checks that base's weights are
+    the ones it was trained on, and returns the base with the adapter merged in: a plain GPT.
     """
+    if (adapter := adapter_folder(path)) is not None:
+        _, meta = lora.read_adapter_config(adapter)
+        model = load_model(check_adapter_base(adapter, meta["base"]), dtype=dtype, device=device,
+                           tokenizer=tokenizer)
+        lora.load_adapter(model, adapter)
+        return lora.merge_lora(model).eval()
     folder, fmt = resolve(path)
     cfg = load_config(folder)
     if tokenizer is not None:
@@ -226,8 +253,12 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None,
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer a model was trained with: a gpt2lab checkpoint's tokenizer/ record, an HF folder's
     vocab.json + merges.txt, a run folder's newest checkpoint's, or a bare tokenizer folder.
-    A checkpoint that records none was made with GPT-2's."""
+    A checkpoint that records none was made with GPT-2's. A LoRA adapter gives its base's."""
     path = Path(path)
+    if (adapter := adapter_folder(path)) is not None:
+        if (adapter / "tokenizer").is_dir():
+            return Tokenizer.from_dir(adapter / "tokenizer")
+        return load_tokenizer(lora.read_adapter_config(adapter)[1]["base"]["path"])
     if path.is_dir() and not (path / "config.json").is_file() and latest_checkpoint(path) is None:
         return Tokenizer.from_dir(path)
     folder, fmt = resolve(path)
@@ -265,25 +296,58 @@ def check_tokenizer(folder: Path, fmt: str, cfg: GPTConfig, tokenizer: Tokenizer
         )
 
 
+def weights_sha256(path: str | Path) -> str:
+    """sha256 of a checkpoint's weight files (of their hashes, when there are several): its identity."""
+    folder, fmt = resolve(path)
+    hashes = [sha256_file(f) for f in _weight_files(folder, fmt)]
+    return hashes[0] if len(hashes) == 1 else hashlib.sha256(" ".join(hashes).encode()).hexdigest()
+
+
+def base_reference(path: str | Path) -> dict[str, Any]:
+    """What a LoRA adapter records of its base: the resolved folder, its format, weights hash and config."""
+    folder, fmt = resolve(path)
+    return {"path": str(folder.resolve()), "format": fmt, "sha256": weights_sha256(folder),
+            "config": load_config(folder).to_dict()}
+
+
+def check_adapter_base(adapter: Path, base: dict[str, Any]) -> Path:
+    """The base folder an adapter names, once its weights are checked to be those it was trained on."""
+    folder = Path(base["path"])
+    if not folder.exists():
+        raise CheckpointError(f"{adapter} adapts the base model {folder}, which no longer exists; put it back, "
+                              f"or set base.path in {adapter / lora.ADAPTER_CONFIG} to where it is now")
+    if weights_sha256(folder) != base["sha256"]:
+        raise CheckpointError(f"{adapter} was trained on a base {folder} whose weights had sha256 "
+                              f"{base['sha256'][:12]}..., but that folder now holds other weights; "
+                              "the adapter would not fit them")
+    return folder
+
+
 Reader = tuple[str, Any]
+
+
+def _weight_files(folder: Path, fmt: str) -> list[Path]:
+    """The files holding a resolved checkpoint folder's weights."""
+    if (folder / WEIGHTS).is_file():
+        return [folder / WEIGHTS]
+    if (index := folder / "model.safetensors.index.json").is_file():
+        weight_map = read_config_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no weight_map; the sharded checkpoint is corrupt")
+        return [folder / f for f in sorted(set(weight_map.values()))]
+    if fmt == "hf" and (folder / "pytorch_model.bin").is_file():
+        return [folder / "pytorch_model.bin"]
+    raise CheckpointError(
+        f"{folder} has config.json but no weights: expected {WEIGHTS}, "
+        "model.safetensors.index.json or (HF) pytorch_model.bin"
+    )
 
 
 def _read_weights(folder: Path, fmt: str) -> dict[str, Reader]:
     """Map each tensor name (our naming) to (source file, a function that reads it)."""
-    if (folder / WEIGHTS).is_file():
-        files = [folder / WEIGHTS]
-    elif (index := folder / "model.safetensors.index.json").is_file():
-        weight_map = read_config_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index} has no weight_map; the sharded checkpoint is corrupt")
-        files = [folder / f for f in sorted(set(weight_map.values()))]
-    elif fmt == "hf" and (folder / "pytorch_model.bin").is_file():
-        return _read_torch_bin(folder / "pytorch_model.bin")
-    else:
-        raise CheckpointError(
-            f"{folder} has config.json but no weights: expected {WEIGHTS}, "
-            "model.safetensors.index.json or (HF) pytorch_model.bin"
-        )
+    files = _weight_files(folder, fmt)
+    if files[0].name == "pytorch_model.bin":
+        return _read_torch_bin(files[0])
     out: dict[str, Reader] = {}
     for f in files:
         if not f.is_file():
