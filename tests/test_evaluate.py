@@ -317,37 +317,48 @@ def ranking_task(n=48, seed=0):
             "example_output_prefix": " A: ", "examples": examples}
 
 
-def test_a_model_taught_the_answers_ranks_them_first_and_a_random_one_is_near_chance(tmp_path):
+class AnswerBatches:
+    """Every step the same batch: each question with its right answer, the loss on the answer's tokens only."""
+
+    def __init__(self, tok, examples):
+        rows = []
+        for ex in examples:
+            ctx, cont = ev.encode_pair(tok, ex.context, ex.choices[ex.scores.index(1.0)])
+            rows.append((ctx + cont, len(ctx)))
+        T = max(len(ids) for ids, _ in rows) - 1
+        self.x, self.y = torch.zeros(len(rows), T, dtype=torch.long), torch.zeros(len(rows), T, dtype=torch.long)
+        self.mask = torch.zeros(len(rows), T)
+        for r, (ids, n_ctx) in enumerate(rows):
+            self.x[r, :len(ids) - 1] = torch.tensor(ids[:-1])
+            self.y[r, :len(ids) - 1] = torch.tensor(ids[1:])
+            self.mask[r, n_ctx - 1:len(ids) - 1] = 1
+
+    def get(self, step, index=0):
+        return self.x, self.y, self.mask
+
+
+@pytest.mark.slow
+def test_a_model_taught_the_answers_ranks_them_first_and_a_random_one_is_near_chance(tmp_path, capsys):
     from gpt2lab.config import preset
+    from gpt2lab.train import TrainConfig, fit
 
     tok = tiny_tokenizer()
-    task = ranking_task()
     data = tmp_path / "task.json"
-    data.write_text(json.dumps(task))
+    data.write_text(json.dumps(ranking_task()))
     torch.manual_seed(0)
     model = GPT(preset("gpt2-nano", n_layer=2, n_head=2, n_embd=32, n_ctx=32, vocab_size=tok.vocab_size))
     random_grade = ev.evaluate_model(model.eval(), tok, task="multiple-choice", data=data)["metrics"]
 
-    # Teach it: a few dozen AdamW steps on the right answers, the loss on the answer tokens only.
+    # A few dozen optimizer steps of the real training loop, then the CLI scores the run folder it wrote.
     examples, _ = ev.read_bigbench(data)
-    rows = []
-    for ex in examples:
-        ctx, cont = ev.encode_pair(tok, ex.context, ex.choices[ex.scores.index(1.0)])
-        rows.append((ctx + cont, len(ctx)))
-    T = max(len(ids) for ids, _ in rows)
-    x = torch.zeros(len(rows), T, dtype=torch.long)
-    y = torch.full((len(rows), T), -100)
-    for r, (ids, n_ctx) in enumerate(rows):
-        x[r, :len(ids)] = torch.tensor(ids)
-        y[r, n_ctx - 1:len(ids) - 1] = torch.tensor(ids[n_ctx:])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(60):
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    taught_grade = ev.evaluate_model(model.eval(), tok, task="multiple-choice", data=data)["metrics"]
+    cfg = TrainConfig(model="gpt2-nano", batch_size=len(examples), max_steps=60, lr=1e-2, min_lr=1e-3,
+                      warmup_steps=5, weight_decay=0.0, device="cpu", peak_tflops=1.0, ckpt_interval=60)
+    fit(model, cfg, AnswerBatches(tok, examples), run_dir=tmp_path / "run", tokenizer=tok)
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--task", "multiple-choice", "--data", str(data),
+                 "--out", str(tmp_path / "taught.json")]) == 0
+    taught_grade = json.loads((tmp_path / "taught.json").read_text())["metrics"]
+    assert "multiple_choice_grade" in capsys.readouterr().out
 
     assert random_grade["chance"] == taught_grade["chance"] == 0.25
     assert abs(random_grade["multiple_choice_grade"] - 0.25) < 0.15
