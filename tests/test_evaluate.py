@@ -288,17 +288,25 @@ def test_bigbench_multiple_choice_matches_hf(models, tmp_path, prompt):
     assert result["prompt"]["example_output_prefix"] == task.get("example_output_prefix", "\nA: ")
 
 
-def test_bigbench_names_resolve_in_the_fetched_package(models, tmp_path):
+def test_bigbench_names_resolve_in_the_fetched_package(models, tmp_path, monkeypatch):
     _, _, ours, tok = models
-    # What fetch_package leaves in the cache once bigbench==1.0.0 is downloaded (the test never downloads it).
+    # What fetch_package leaves in the cache once bigbench==1.0.0 is downloaded (the test never downloads it),
+    # in a cache of its own: a stand-in in a real cache would pass for the package there.
+    monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path / "cache"))
     tasks = cache_dir() / "packages" / "bigbench-1.0.0" / "bigbench" / "benchmark_tasks"
     (tasks / "riddle_sense").mkdir(parents=True, exist_ok=True)
     (tasks / "riddle_sense" / "task.json").write_text(json.dumps(BIGBENCH))
+    for sub in ("easy", "hard"):
+        (tasks / "riddles" / sub).mkdir(parents=True, exist_ok=True)
+        (tasks / "riddles" / sub / "task.json").write_text(json.dumps(BIGBENCH))
     assert ev.bigbench_path("bigbench:riddle_sense") == tasks / "riddle_sense" / "task.json"
     result = ev.evaluate_model(ours, tok, task="multiple-choice", data="bigbench:riddle_sense", limit=2)
     assert result["n_examples"] == 2
+    assert ev.bigbench_path("bigbench:riddles/hard") == tasks / "riddles" / "hard" / "task.json"
     with pytest.raises(TaskFormatError, match="did you mean riddle_sense"):
         ev.bigbench_path("bigbench:riddle")
+    with pytest.raises(TaskFormatError, match=r"subtasks \(easy, hard\); name one, e.g. bigbench:riddles/easy"):
+        ev.bigbench_path("bigbench:riddles")
 
 
 # -- ranking: a model taught the answers beats chance, a random one does not -----------------------------------

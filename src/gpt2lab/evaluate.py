@@ -298,7 +298,12 @@ def bigbench_path(spec: str) -> Path:
         raise TaskFormatError(str(e)) from e
     tasks_dir = files[0].parent.parent  # .../bigbench/benchmark_tasks
     path = tasks_dir / name / "task.json"
-    if not name or ".." in Path(name).parts or not path.is_file():
+    if ".." in Path(name).parts:
+        raise TaskFormatError(f"bigbench:{name} is not a task name")
+    if name and not path.is_file() and (subtasks := sorted(p.parent.name for p in path.parent.glob("*/task.json"))):
+        raise TaskFormatError(f"BIG-bench task {name!r} is split into subtasks ({', '.join(subtasks)}); "
+                              f"name one, e.g. bigbench:{name}/{subtasks[0]}")
+    if not name or not path.is_file():
         known = sorted(f.parent.name for f in files)
         close = [k for k in known if name.split("/")[0] in k][:5]
         hint = f"did you mean {', '.join(close)}?" if close else f"{len(known)} tasks are under {tasks_dir}"
