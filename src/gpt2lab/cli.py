@@ -36,6 +36,8 @@ COMMANDS: dict[str, str] = {
     "tokenizer count": "tokenizer:count_tokens",
     "tokenizer train": "tokenizer:train_tokenizer",
     "eval": "evaluate:evaluate",
+    "finetune": "finetune:finetune",
+    "lora merge": "finetune:merge",
 }
 
 
@@ -122,6 +124,8 @@ def _add_arguments(parser: argparse.ArgumentParser, func: Callable[..., Any], do
             # A config dataclass parameter becomes one --option per field, its docstring the help.
             field_hints, field_docs = typing.get_type_hints(cls), _field_docs(cls)
             for f in dataclasses.fields(cls):
+                if f.metadata.get("cli") is False:  # set by the function itself, not an option
+                    continue
                 _add_option(parser, f.name, f"{p.name}.{f.name}", field_hints[f.name], f.default,
                             field_docs.get(f.name, ""))
             groups[p.name] = cls
@@ -157,13 +161,17 @@ def _config_class(hint: Any) -> type | None:
 
 
 def _field_docs(cls: type) -> dict[str, str]:
-    """A dataclass's attribute docstrings (the string under each field), which Python does not keep."""
+    """A dataclass's attribute docstrings (the string under each field), which Python does not keep.
+    A subclass's fields inherit their bases' docstrings unless it redeclares them."""
+    docs = {}
+    for base in cls.__mro__[:0:-1]:
+        if dataclasses.is_dataclass(base):
+            docs |= _field_docs(base)
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):
-        return {}
+        return docs
     body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-    docs = {}
     for node, after in zip(body, body[1:], strict=False):
         if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
                 and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):

@@ -225,8 +225,9 @@ def row_documents(rows: Iterable[Any], field: str, where: str, errors: DecodeErr
         yield text_pieces([_row_text(row, field, f"{where} row {i}", errors)])
 
 
-def jsonl_documents(path: Path, field: str, errors: DecodeErrors = "strict") -> Iterator[Document]:
-    """One document per line of a JSON Lines file, its text in `field`; blank lines are skipped."""
+def jsonl_rows(path: Path, errors: DecodeErrors = "strict") -> Iterator[tuple[str, Any]]:
+    """("PATH line N", the parsed value) for each non-blank line of a JSON Lines file.
+    Raises DataError naming the line for bytes that are not UTF-8 and for invalid JSON."""
     offset = 0
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
@@ -242,7 +243,13 @@ def jsonl_documents(path: Path, field: str, errors: DecodeErrors = "strict") -> 
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where} is not valid JSON ({e.msg}, column {e.colno}); fix or remove it") from None
-            yield text_pieces([_row_text(row, field, where, errors)])
+            yield where, row
+
+
+def jsonl_documents(path: Path, field: str, errors: DecodeErrors = "strict") -> Iterator[Document]:
+    """One document per line of a JSON Lines file, its text in `field`; blank lines are skipped."""
+    for where, row in jsonl_rows(path, errors):
+        yield text_pieces([_row_text(row, field, where, errors)])
 
 
 def file_documents(paths: Iterable[Path], field: str = "text", errors: DecodeErrors = "strict") -> Iterator[Document]:
