@@ -37,6 +37,7 @@ from .tokenizer import GPT2_SHA256, Tokenizer, read_record
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
+FINETUNE_RECORD = "finetune.json"  # what a fine-tuned checkpoint was trained from, and its prompt template
 # HF's Conv1D stores these as (in, out); our nn.Linear as (out, in).
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Buffers that old HF checkpoints carry and that hold no learned state.
@@ -248,6 +249,13 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None,
     model.load_state_dict(sd, assign=True)
     model.tie_weights()
     return model.eval()
+
+
+def prompt_template(path: str | Path) -> str | None:
+    """The prompt template a checkpoint was fine-tuned with ({prompt} marks the prompt), or None."""
+    folder = adapter_folder(path) or resolve(path)[0]
+    record = folder / FINETUNE_RECORD
+    return read_config_json(record).get("prompt_template") if record.is_file() else None
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
