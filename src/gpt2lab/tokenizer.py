@@ -493,7 +493,7 @@ def _from_record(path: Path, rec: dict[str, Any]) -> Tokenizer:
     if tok.sha256 != rec.get("sha256"):
         raise TokenizerError(f"{path}: the vocabulary files hash to {tok.sha256[:12]}..., but {RECORD} records "
                              f"{str(rec.get('sha256'))[:12]}...; the files were changed or are corrupt")
-    if rec.get("name") and rec["name"] != tok.name:
+    if rec.get("name") and rec["name"] != tok.name and not tok.builtin:  # never rename the shared GPT-2 one
         tok.name = rec["name"]
     return tok
 
@@ -656,9 +656,10 @@ def _trained_vocabulary(merges: list[Any]) -> Vocabulary:
     return Vocabulary(tokens=(*tokens, EOT), merges=tuple(kept))
 
 
-def _chunks(files: Sequence[Path], bar: Any, size: int = 1 << 20) -> Iterator[str]:
+def _chunks(files: Sequence[Path], bar: Any, size: int = 1 << 16) -> Iterator[str]:
     """The files' text in ~`size` pieces, cut only where GPT-2's pre-tokenizer cuts anyway, so the
-    trainer counts exactly the pieces of the whole files while holding one piece at a time."""
+    trainer counts exactly the pieces of the whole files. HF's trainer reads ahead 256 pieces, so
+    small pieces keep the text in memory small whatever the corpus size."""
     for f in files:
         with open(f, encoding="utf-8", newline="") as fh:
             rest = ""
