@@ -366,6 +366,16 @@ def test_every_folder_form_gives_the_same_vocabulary(tok, gpt2_files, tmp_path):
         assert loaded == tok and loaded.name == "gpt2" and loaded.sha256 == tok.sha256
 
 
+def test_hf_fast_tokenizer_file_alone(tok, hf, tmp_path):
+    hf.backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
+    assert Tokenizer.from_dir(tmp_path) == tok
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    spec["pre_tokenizer"]["add_prefix_space"] = True  # another tokenizer's ids: refused, not misread
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(TokenizerError, match="not GPT-2-style"):
+        Tokenizer.from_dir(tmp_path)
+
+
 def test_save_hf_loads_in_transformers_with_identical_ids(tok, tmp_path):
     from transformers import AutoTokenizer, GPT2TokenizerFast
 

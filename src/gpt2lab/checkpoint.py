@@ -277,7 +277,7 @@ def recorded_tokenizer(folder: Path, fmt: str) -> Tokenizer | None:
     """The tokenizer stored with a resolved checkpoint folder, or None if it stores none."""
     if fmt == "gpt2lab":
         return Tokenizer.from_dir(folder / "tokenizer") if (folder / "tokenizer").is_dir() else None
-    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+    if (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file():
         return Tokenizer.from_dir(folder)
     return None
 

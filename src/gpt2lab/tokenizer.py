@@ -210,6 +210,26 @@ def read_bpe_files(encoder_json: str | Path, vocab_bpe: str | Path) -> Vocabular
     return Vocabulary.from_json(encoder, merges, source=f"{encoder_json.name}+{vocab_bpe.name}")
 
 
+def read_hf_tokenizer_json(path: Path) -> Vocabulary:
+    """The vocabulary in a Hugging Face fast-tokenizer file, if it is GPT-2's kind of tokenizer:
+    byte-level BPE with GPT-2's regex, no normalizer (anything else would give other ids)."""
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        model, pre = spec["model"], spec.get("pre_tokenizer") or {}
+        byte_level = (model.get("type") == "BPE" and spec.get("normalizer") is None
+                      and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+                      and not pre.get("add_prefix_space", True))
+        if not byte_level:
+            raise TokenizerError(f"{path} is not GPT-2-style byte-level BPE (model {model.get('type')}, "
+                                 f"pre-tokenizer {pre.get('type')}); gpt2lab reads only those")
+        encoder = dict(model["vocab"])
+        encoder.update({t["content"]: t["id"] for t in spec.get("added_tokens", [])})
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise TokenizerError(f"{path} is not a readable Hugging Face tokenizer.json ({e})") from e
+    return Vocabulary.from_json(encoder, merges, source=str(path))  # type: ignore[arg-type]
+
+
 # -- the tokenizer -----------------------------------------------------------------------------
 
 
@@ -258,7 +278,8 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
         """Load a folder holding our record (tokenizer.json, from `save`), encoder.json + vocab.bpe,
-        or a Hugging Face tokenizer's vocab.json + merges.txt. A gpt2lab checkpoint folder works too."""
+        or a Hugging Face tokenizer (vocab.json + merges.txt, or its tokenizer.json alone).
+        A gpt2lab checkpoint folder works too."""
         path = Path(path)
         if not path.is_dir():
             raise TokenizerError(f"{path} is not a folder: give a folder holding a tokenizer")
@@ -268,10 +289,12 @@ class Tokenizer:
         for enc, bpe in (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt")):
             if (path / enc).is_file() and (path / bpe).is_file():
                 return cls.from_files(path / enc, path / bpe)
+        if (path / RECORD).is_file():
+            return cls(read_hf_tokenizer_json(path / RECORD))
         if (path / "tokenizer").is_dir():
             return cls.from_dir(path / "tokenizer")
-        raise TokenizerError(f"{path} holds no tokenizer: expected {RECORD} (gpt2lab), encoder.json + vocab.bpe, "
-                             "or vocab.json + merges.txt")
+        raise TokenizerError(f"{path} holds no tokenizer: expected {RECORD} (gpt2lab or Hugging Face), "
+                             "encoder.json + vocab.bpe, or vocab.json + merges.txt")
 
     # -- encoding --
 
