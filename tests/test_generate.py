@@ -407,3 +407,100 @@ def test_generation_stops_at_a_stop_string_spanning_tokens():
     assert free.token_ids[n:n + 3] == list(stop.encode())  # the next three tokens are the stop string
     streamed = "".join(e.text for e in gen.stream("go", stop=(stop,), **options))
     assert streamed == got.text
+
+
+# -- GPT-2's tokenizer and the command line ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A small random model with GPT-2's vocabulary, saved with its tokenizer."""
+    from gpt2lab import save_checkpoint
+    from gpt2lab.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ck") / "ck"
+    save_checkpoint(GPT(preset("gpt2-nano", vocab_size=50257)), path, tokenizer=Tokenizer.gpt2())
+    return path
+
+
+def test_real_tokenizer_streams_whole_characters_only(checkpoint):
+    gen = Generator.load(checkpoint)
+    tok = gen.tokenizer
+    ids = tok.encode("a 😀 é 中文")
+    assert len(ids) > len("a 😀 é 中文".split())  # some characters take several tokens
+    st = StopText(tok.stream_decoder(), ["中"])
+    pieces = [st.add(i) for i in ids]
+    assert "".join(pieces) == "a 😀 é " and st.stopped
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def run_cli(capsys, *args):
+    from gpt2lab.cli import main
+
+    rc = main(["generate", *map(str, args)])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_json_prints_one_object_per_sample(checkpoint, capsys):
+    import json
+
+    rc, out, _ = run_cli(capsys, checkpoint, "--prompt", "Hello", "Two words", "--num-samples", "2",
+                         "--max-new-tokens", "6", "--seed", "3", "--json", "--no-stop-at-eot")
+    assert rc == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert len(rows) == 4
+    gen = Generator.load(checkpoint)
+    want = gen.generate(["Hello", "Two words"], num_samples=2, max_new_tokens=6, seed=3, stop_at_eot=False)
+    for row, c in zip(rows, want, strict=True):
+        assert row["token_ids"] == c.token_ids and row["text"] == c.text == gen.tokenizer.decode(c.token_ids)
+        assert len(row["logprobs"]) == 6 and all(lp <= 0 for lp in row["logprobs"])
+        assert row["finish_reason"] == "length"
+
+
+def test_cli_stream_prints_what_the_batch_gives(checkpoint, capsys, monkeypatch):
+    import io
+
+    args = [checkpoint, "--max-new-tokens", "8", "--seed", "5", "--num-samples", "2", "--no-stop-at-eot"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("From stdin"))
+    rc, streamed, _ = run_cli(capsys, *args, "--stream")
+    assert rc == 0
+    rc, batched, _ = run_cli(capsys, *args, "--prompt", "From stdin")
+    assert streamed.strip() == batched.strip()
+    assert streamed.count("From stdin") == 2 and "sample 1" in streamed
+
+
+def test_cli_stop_takes_backslash_escapes(checkpoint, capsys):
+    import json
+
+    gen = Generator.load(checkpoint)
+    free = gen.generate("x", max_new_tokens=40, seed=0, stop_at_eot=False)[0].text
+    stop = free[10:12]
+    escaped = stop.encode("unicode_escape").decode()  # as a user would type a newline: \n
+    rc, out, _ = run_cli(capsys, checkpoint, "--prompt", "x", "--max-new-tokens", "40", "--seed", "0", "--json",
+                         "--no-stop-at-eot", "--stop", escaped)
+    row = json.loads(out)
+    assert row["finish_reason"] == "stop" and row["text"] == free[:free.index(stop)]
+
+
+def test_cli_errors_are_one_line(checkpoint, capsys):
+    for args, message in [
+        (["--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
+        (["--prompt", "x", "--top-p", "0"], "top_p must be in (0, 1]"),
+        (["--prompt", ""], "prompt 0 is empty"),
+        (["--prompt", "x", "--prompt-file", "nope.txt"], "not both"),
+    ]:
+        rc, _, err = run_cli(capsys, checkpoint, *args)
+        assert rc == 2 and message in err and err.count("\n") == 1
+
+
+def test_cli_interactive_answers_each_line(checkpoint, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("first prompt\n\nsecond prompt\n"))
+    rc, out, _ = run_cli(capsys, checkpoint, "--interactive", "--max-new-tokens", "4", "--greedy")
+    assert rc == 0
+    gen = Generator.load(checkpoint)
+    replies = [gen.generate(p, greedy=True, max_new_tokens=4)[0].text for p in ("first prompt", "second prompt")]
+    assert out == ">>> " + replies[0] + "\n>>> >>> " + replies[1] + "\n>>> "

@@ -29,6 +29,7 @@ from .errors import GPT2LabError
 COMMANDS: dict[str, str] = {
     "convert": "checkpoint:convert",
     "info": "checkpoint:info",
+    "generate": "generate:generate",
     "prepare": "data:prepare",
     "train": "train:train",
     "tokenizer encode": "tokenizer:encode_files",

@@ -22,8 +22,11 @@ prompt is the same as for that prompt alone.
 
 from __future__ import annotations
 
+import codecs
+import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from json import dumps
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,9 +34,9 @@ import torch
 
 from .errors import GenerationError
 from .model import GPT
+from .quantize import Mode
 
 Finish = Literal["length", "eot", "stop", "context"]
-Mode = Literal["fp32", "bf16", "int8"]
 # When a row slides past the context window it keeps this fraction of the window and re-reads it.
 SLIDE_KEEP = 0.75
 
@@ -196,6 +199,8 @@ class StopText:
 
     def add(self, token_id: int) -> str:
         """Feed one token; return the text that is now certain. Sets `stop_at` on a stop string."""
+        if self.stopped:
+            return ""
         return self._scan(self.pending + self.decoder.add([token_id]), final=False)
 
     def flush(self) -> str:
@@ -551,6 +556,104 @@ def _config(config: GenerationConfig | None, options: dict[str, Any]) -> Generat
     if config is None:
         return GenerationConfig(**options)
     if options:
-        from dataclasses import replace
         return replace(config, **options)
     return config
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+def generate(model: str, *, prompt: list[str] | None = None, prompt_file: Path | None = None,
+             config: GenerationConfig | None = None, stream: bool = False, interactive: bool = False,
+             json: bool = False, mode: Mode = "fp32", compile: bool = False) -> str | None:
+    """Generate text from a model: continue each prompt (or stdin), print the results.
+
+    model: a gpt2lab checkpoint, a training run folder or a Hugging Face GPT-2 folder
+    prompt: one or more prompts, generated as one batch (default: --prompt-file, else stdin)
+    prompt_file: a UTF-8 file whose whole text is the prompt
+    stream: print text as it is generated
+    interactive: a REPL: each line you type is a prompt (Ctrl-D to quit, Ctrl-C stops a reply)
+    json: print one JSON object per sample: text, token_ids (the new ids), logprobs, finish_reason
+    mode: fp32; bf16 weights; or int8 weight-only quantization (both about 2x+ faster on CPU)
+    compile: run the model through torch.compile (slow first call)
+    """
+    config = config or GenerationConfig()
+    config = replace(config, stop=tuple(_unescape(s) for s in config.stop))  # --stop '\n' means a newline
+    if interactive and (prompt or prompt_file):
+        raise GenerationError("--interactive reads prompts from the terminal: drop --prompt/--prompt-file")
+    gen = Generator.load(model, mode=mode, compile=compile)
+    if interactive:
+        _repl(gen, config)
+        return None
+    prompts = _read_prompts(prompt, prompt_file)
+    if json:
+        return "\n".join(dumps(c.to_dict(), ensure_ascii=False) for c in gen.generate(prompts, config))
+    if not stream:
+        done = gen.generate(prompts, config)
+        return "\n\n".join(f"{_header(c, config, len(prompts))}{prompts[c.prompt_index]}{c.text}" for c in done)
+    # Streaming prints one sample after another; sample i uses seed + i, so the text is the
+    # same as the batched run would give.
+    for i, text in enumerate(prompts):
+        for s in range(config.num_samples):
+            if i or s:
+                print()  # a blank line between samples, as in the batched output
+            seed = None if config.seed is None else config.seed + s
+            one = replace(config, num_samples=1, seed=seed)
+            header = _header(Completion(prompt_index=i, sample_index=s, token_ids=[], logprobs=[],
+                                        finish_reason="length"), config, len(prompts))
+            _print_stream(gen, text, one, header)
+    return None
+
+
+def _header(c: Completion, config: GenerationConfig, n_prompts: int) -> str:
+    """A separator line naming the sample, when there is more than one."""
+    if n_prompts == 1 and config.num_samples == 1:
+        return ""
+    return f"--- prompt {c.prompt_index}, sample {c.sample_index} ---\n"
+
+
+def _print_stream(gen: Generator, prompt: str, config: GenerationConfig, header: str = "",
+                  echo: bool = True) -> None:
+    print(header + (prompt if echo else ""), end="", flush=True)
+    for event in gen.stream(prompt, config):
+        print(event.text, end="", flush=True)
+    print(flush=True)
+
+
+def _repl(gen: Generator, config: GenerationConfig) -> None:
+    print("gpt2lab generate: type a prompt and press Enter; Ctrl-C stops a reply, Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        if not line.strip():
+            continue
+        try:
+            _print_stream(gen, line, config, echo=False)
+        except KeyboardInterrupt:
+            print("\n[stopped]", file=sys.stderr)
+        except GenerationError as e:
+            print(f"gpt2lab: error: {e}", file=sys.stderr)
+
+
+def _read_prompts(prompt: list[str] | None, prompt_file: Path | None) -> list[str]:
+    if prompt and prompt_file:
+        raise GenerationError("give --prompt or --prompt-file, not both")
+    if prompt:
+        return list(prompt)
+    if prompt_file is not None:
+        try:
+            return [Path(prompt_file).read_text(encoding="utf-8")]
+        except (OSError, UnicodeDecodeError) as e:
+            raise GenerationError(f"cannot read --prompt-file {prompt_file}: {e}") from e
+    if sys.stdin is None or sys.stdin.isatty():
+        raise GenerationError("no prompt: give --prompt TEXT, --prompt-file PATH, pipe text on stdin, "
+                              "or use --interactive")
+    return [sys.stdin.read()]
+
+
+def _unescape(s: str) -> str:
+    """Backslash escapes typed on a command line (\\n, \\t, \\u00e9) as the characters they name."""
+    return codecs.decode(s.encode("latin-1", "backslashreplace"), "unicode_escape")

@@ -139,7 +139,7 @@ class GPT(nn.Module):
         max_len = self.config.n_ctx if max_len is None else max_len
         if max_len <= 0:
             raise ValueError(f"cache length must be positive, got {max_len}")
-        ref = self.transformer.wte.weight
+        ref = self.transformer.ln_f.weight  # the activations' dtype (weights may be quantized)
         for block in self.transformer.h:
             block.attn.kv_cache = KVCache(batch_size, max_len, self.config.n_head, self.config.head_dim,
                                           dtype=dtype or ref.dtype, device=ref.device)

@@ -1,0 +1,149 @@
+"""Speed modes for inference on CPUs: bf16 weights, and int8 weight-only quantization.
+
+Decoding one token reads every weight once, so on a CPU its speed is set by memory bandwidth:
+halving the bytes per weight roughly doubles tokens per second.
+
+    fp32  the model as trained.
+    bf16  weights and activations in bfloat16. Linear layers use oneDNN's prepacked bf16 kernels,
+          which stream the weights at full bandwidth where plain F.linear does not (M=1 GEMV).
+    int8  every Linear's weight (and the tied embedding / output head) as int8 with one bf16
+          scale per output row (symmetric, round to nearest); activations in bfloat16. The
+          matmul dequantizes on the fly (aten's _weight_int8pack_mm), so a weight costs 1 byte.
+
+These modules are for inference only: they hold no gradients and are not saved by checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import GenerationError
+from .model import GPT
+
+Mode = Literal["fp32", "bf16", "int8"]
+MODES: tuple[Mode, ...] = ("fp32", "bf16", "int8")
+
+
+def prepare(model: GPT, mode: Mode) -> GPT:
+    """Convert a model (in place) for inference in `mode`; returns it in eval mode."""
+    if mode not in MODES:
+        raise GenerationError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    model.eval()
+    if mode == "fp32":
+        return model.float()
+    if mode == "bf16":
+        model.to(torch.bfloat16)
+        for parent, name, linear in _linears(model):
+            setattr(parent, name, PackedLinear(linear))
+        model.lm_head = PackedLinear(model.lm_head)  # a packed copy; the embedding keeps the plain table
+        return model
+    # int8: quantize from the original weights, then the rest (LayerNorms, biases, positions) to bf16.
+    for parent, name, linear in _linears(model):
+        setattr(parent, name, Int8Linear.from_linear(linear))
+    # The output head and the token embedding are one matrix in GPT-2: quantize it once.
+    model.lm_head = Int8Linear.from_weight(model.transformer.wte.weight, None)
+    model.transformer.wte = Int8Embedding(model.lm_head)
+    return model.to(torch.bfloat16)
+
+
+def _linears(model: GPT) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, Linear) for every Linear in the transformer blocks."""
+    return [(parent, name, child) for parent in model.transformer.h.modules()
+            for name, child in parent.named_children() if isinstance(child, nn.Linear)]
+
+
+# -- bf16 ------------------------------------------------------------------------------------
+
+
+def _has_mkldnn_linear() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class PackedLinear(nn.Module):
+    """A bf16 Linear whose weight is prepacked once for oneDNN (inductor's own CPU path).
+
+    Falls back to F.linear where oneDNN is missing; the result is the same up to rounding order.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach().to(torch.bfloat16).contiguous()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(torch.bfloat16),
+                                                                 requires_grad=False)
+        self.packed = _has_mkldnn_linear()
+        if self.packed:
+            # The batch-size hint picks the layout; 1 suits decoding and works for any batch.
+            weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        self.register_buffer("weight", weight, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed and x.device.type == "cpu":
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed={self.packed}"
+
+
+# -- int8 ------------------------------------------------------------------------------------
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (q (N, K) int8, scales (N,) float32) with weight ~= q * scales[:, None]."""
+    w = weight.detach().float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # an all-zero row gets a harmless tiny scale
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scales).T + bias, with q int8 (N, K) and x, scales, bias in bfloat16."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("weight", q, persistent=False)
+        self.register_buffer("scales", scales.to(torch.bfloat16), persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.bfloat16), requires_grad=False)
+        self.fused = hasattr(torch, "_weight_int8pack_mm")
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
+        q, scales = quantize_rows(weight)
+        return cls(q, scales, bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        return cls.from_weight(linear.weight, linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.scales.dtype)
+        if self.fused and x.device.type == "cpu":
+            y = torch._weight_int8pack_mm(x.reshape(-1, x.size(-1)), self.weight, self.scales)
+            y = y.view(*x.shape[:-1], -1)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scales
+        return y if self.bias is None else y + self.bias
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight these int8 values stand for, as float32 (N, K)."""
+        return self.weight.float() * self.scales.float()[:, None]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.weight.size(1)}, out_features={self.weight.size(0)}"
+
+
+class Int8Embedding(nn.Module):
+    """Token embeddings read from an Int8Linear's rows (GPT-2 ties them to the output head)."""
+
+    def __init__(self, head: Int8Linear) -> None:
+        super().__init__()
+        self.head = [head]  # a list, so the head's buffers are not registered twice
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        head = self.head[0]
+        return head.weight[idx].to(head.scales.dtype) * head.scales[idx].unsqueeze(-1)

@@ -1,0 +1,77 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2lab.config import preset
+from gpt2lab.errors import GenerationError
+from gpt2lab.generate import Generator
+from gpt2lab.model import GPT
+from gpt2lab.quantize import Int8Embedding, Int8Linear, PackedLinear, prepare, quantize_rows
+
+
+def test_quantize_rows_rounds_to_the_nearest_step_of_each_row():
+    torch.manual_seed(0)
+    w = torch.randn(7, 33) * torch.logspace(-3, 1, 7)[:, None]  # rows of very different sizes
+    w[3] = 0  # an all-zero row must not divide by zero
+    q, scales = quantize_rows(w)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    nonzero = [r for r in range(7) if r != 3]
+    assert (q[nonzero].abs().amax(1) == 127).all()  # each row's largest weight uses the full range
+    err = (q.float() * scales[:, None] - w).abs()
+    assert (err <= scales[:, None] / 2 + 1e-7).all()
+    assert (q[3] == 0).all()
+
+
+def test_int8_linear_multiplies_by_the_dequantized_weight():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 40)
+    q8 = Int8Linear.from_linear(linear)
+    x = torch.randn(2, 5, 48)
+    want = F.linear(x, q8.dequantized(), linear.bias.detach())
+    got = q8(x.bfloat16()).float()
+    assert got.shape == (2, 5, 40)
+    torch.testing.assert_close(got, want, atol=0.03, rtol=0.02)  # bf16 activations
+
+
+def test_packed_bf16_linear_equals_plain_bf16_linear():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 40)
+    packed = PackedLinear(linear)
+    x = torch.randn(3, 7, 48).bfloat16()
+    want = F.linear(x, linear.weight.detach().bfloat16(), linear.bias.detach().bfloat16())
+    torch.testing.assert_close(packed(x), want, atol=0.02, rtol=0.02)
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8"])
+def test_modes_stay_close_to_fp32(mode):
+    torch.manual_seed(0)
+    cfg = preset("gpt2-nano", vocab_size=211)
+    ref = GPT(cfg).eval()
+    with torch.no_grad():
+        ref.transformer.ln_f.weight.mul_(20)  # peaked predictions, so a distortion would show
+        fast = GPT(cfg)
+        fast.load_state_dict(ref.state_dict())
+        prepare(fast, mode)
+        idx = torch.randint(0, 211, (2, 40))
+        p = ref(idx).log_softmax(-1)
+        q = fast(idx).float().log_softmax(-1)
+    kl = (p.exp() * (p - q)).sum(-1).mean().item()
+    assert kl < 1e-3, kl  # measured: 5e-5 (bf16), 8e-5 (int8)
+    assert (p.argmax(-1) == q.argmax(-1)).float().mean() > 0.9
+    # And generation runs through the same Generator, with the cache in the mode's dtype.
+    out = Generator(fast, eot_id=210).generate_ids([[1, 2, 3], [4]], max_new_tokens=6, seed=0)
+    assert all(len(c.token_ids) == 6 or c.finish_reason == "eot" for c in out)
+
+
+def test_int8_quantizes_the_tied_embedding_once():
+    model = prepare(GPT(preset("gpt2-nano", vocab_size=97)), "int8")
+    assert isinstance(model.lm_head, Int8Linear) and isinstance(model.transformer.wte, Int8Embedding)
+    assert model.transformer.wte.head[0] is model.lm_head
+    int8 = [b for b in model.buffers() if b.dtype == torch.int8]
+    assert sum(b.numel() for b in int8) == 97 * 48 + 3 * (48 * 144 + 48 * 48 + 48 * 192 + 192 * 48)
+    assert not any(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_unknown_mode_is_rejected():
+    with pytest.raises(GenerationError, match="unknown mode 'fp8'; choose one of fp32, bf16, int8"):
+        prepare(GPT(preset("gpt2-nano", vocab_size=97)), "fp8")
