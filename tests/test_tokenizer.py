@@ -486,6 +486,9 @@ def test_ids_out_of_merge_order_are_remapped(tmp_path):
         assert ids == hf_ids(hf, text)
         assert other.decode(ids) == text
     assert other.encode(EOT, allowed_special="all") == [0]
+    for bad in ([-1], [other.vocab_size]):
+        with pytest.raises(TokenizerError, match=f"token id {bad[0]} is not in vocabulary"):
+            other.decode(bad)
 
 
 def test_vocabulary_beyond_uint16(tmp_path):

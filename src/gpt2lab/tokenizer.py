@@ -365,9 +365,11 @@ class Tokenizer:
         """The bytes the ids stand for (special tokens as their text)."""
         ids = _as_list(ids)
         try:
+            ranks = ids
             if self._rank_of_id is not None:
-                ids = [self._rank_of_id[i] for i in ids]
-            return self._enc.decode_bytes(ids)
+                table = self._rank_of_id
+                ranks = [table[i] if i >= 0 else -1 for i in ids]  # -1: a list would wrap around
+            return self._enc.decode_bytes(ranks)
         except (KeyError, IndexError, OverflowError, TypeError) as e:
             bad = next((i for i in ids if not (isinstance(i, int) and 0 <= i < self.vocab_size)), None)
             raise TokenizerError(f"token id {bad!r} is not in vocabulary {self.name} (ids are 0..{self.vocab_size - 1})"
