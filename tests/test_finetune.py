@@ -256,6 +256,8 @@ def test_full_run_on_text_lowers_held_out_loss_and_keeps_the_best(base, tmp_path
     rows = [r for r in metrics(out) if "val_loss" in r]
     assert rows[0]["step"] == 0 and rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.5
     assert "val_bpb" in rows[-1]  # text data reports bits per byte
+    best_bpb = min(r["val_bpb"] for r in rows[1:])
+    assert f"held-out loss: {rows[0]['val_bpb']:.4f} bits/byte before fine-tuning -> {best_bpb:.4f}" in report
     best = json.loads((out / "best.json").read_text())
     assert (out / best["checkpoint"] / "model.safetensors").is_file()
     assert f"best checkpoint: {out / best['checkpoint']}" in report

@@ -48,7 +48,7 @@ from .checkpoint import (
 from .errors import DataError, TrainingError
 from .model import GPT, CausalSelfAttention
 from .tokenizer import Tokenizer
-from .train import Batch, FitResult, Strategy, TrainConfig, fit, summary, val_bytes_per_token
+from .train import METRICS, Batch, FitResult, Strategy, TrainConfig, fit, summary, val_bytes_per_token
 
 DEFAULT_TEMPLATE = "### Prompt:\n{prompt}\n\n### Response:\n"
 DataFormat = Literal["auto", "text", "prompt-completion"]
@@ -463,6 +463,8 @@ def finetune(model: str, *, data: str, out: str, config: FinetuneConfig | None =
     lines = [f"{cfg.method} fine-tuning: {lora.trainable_parameters(weights):,} of "
              f"{sum(p.numel() for p in weights.parameters()):,} parameters trained", *batches.notes,
              summary(result, run_dir)]
+    if (change := held_out_change(run_dir)) is not None:
+        lines.append(change)
     best = best_checkpoint(run_dir, result)
     if best is not None:
         lines.append(f"best checkpoint: {best}")
@@ -473,6 +475,18 @@ def finetune(model: str, *, data: str, out: str, config: FinetuneConfig | None =
 
 def _resolved(path: str) -> Path:
     return (adapter_folder(path) or resolve(path)[0]).resolve()
+
+
+def held_out_change(run_dir: str | Path) -> str | None:
+    """"held-out loss A -> B": the base model's validation loss (step 0) and the run's best."""
+    path = Path(run_dir) / METRICS
+    lines = path.read_text().splitlines() if path.is_file() else []
+    rows = [r for r in map(json.loads, filter(str.strip, lines)) if "val_loss" in r]
+    if len(rows) < 2 or rows[0]["step"] != 0:
+        return None
+    best = min(rows[1:], key=lambda r: r["val_loss"])
+    key, unit = ("val_bpb", "bits/byte") if "val_bpb" in best and "val_bpb" in rows[0] else ("val_loss", "nats/token")
+    return f"held-out loss: {rows[0][key]:.4f} {unit} before fine-tuning -> {best[key]:.4f} at step {best['step']}"
 
 
 def best_checkpoint(run_dir: str | Path, result: FitResult | None = None) -> Path | None:
