@@ -325,3 +325,19 @@ def test_cli_finetune_and_lora_merge(base, pairs, tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", ['{"prompt": "a", "completion": "b"}', "{oops"])
     assert main(["finetune", str(base), "--data", str(bad), "--out", str(tmp_path / "x")]) == 2
     assert "bad.jsonl line 2 is not valid JSON" in capsys.readouterr().err
+
+
+def test_generate_uses_the_prompt_template_of_a_lora_run(base, pairs, tmp_path, capsys):
+    from gpt2lab.generate import Generator
+
+    out = tmp_path / "run"
+    run(base, pairs, out, config=config(method="lora", max_steps=2))
+    assert main(["generate", str(out), "--prompt", "3 plus 4", "--greedy", "--max-new-tokens", "6",
+                 "--no-stop-at-eot"]) == 0
+    printed = capsys.readouterr().out
+    expected = Generator(load_model(out), TOK).generate("Q: 3 plus 4\nA:", greedy=True, max_new_tokens=6,
+                                                         stop_at_eot=False)[0].text
+    assert printed == "Q: 3 plus 4\nA:" + expected + "\n"
+    assert main(["generate", str(out), "--prompt", "3 plus 4", "--greedy", "--max-new-tokens", "6",
+                 "--no-template"]) == 0
+    assert capsys.readouterr().out.startswith("3 plus 4")

@@ -565,7 +565,7 @@ def _config(config: GenerationConfig | None, options: dict[str, Any]) -> Generat
 
 def generate(model: str, *, prompt: list[str] | None = None, prompt_file: Path | None = None,
              config: GenerationConfig | None = None, stream: bool = False, interactive: bool = False,
-             json: bool = False, mode: Mode = "fp32", compile: bool = False) -> str | None:
+             json: bool = False, mode: Mode = "fp32", compile: bool = False, template: bool = True) -> str | None:
     """Generate text from a model: continue each prompt (or stdin), print the results.
 
     model: a gpt2lab checkpoint, a training run folder or a Hugging Face GPT-2 folder
@@ -576,16 +576,18 @@ def generate(model: str, *, prompt: list[str] | None = None, prompt_file: Path |
     json: print one JSON object per sample: text, token_ids (the new ids), logprobs, finish_reason
     mode: fp32; bf16 weights; or int8 weight-only quantization (both about 2x+ faster on CPU)
     compile: run the model through torch.compile (slow first call)
+    template: show each prompt as fine-tuning did, through the checkpoint's prompt template (if it has one)
     """
     config = config or GenerationConfig()
     config = replace(config, stop=tuple(_unescape(s) for s in config.stop))  # --stop '\n' means a newline
     if interactive and (prompt or prompt_file):
         raise GenerationError("--interactive reads prompts from the terminal: drop --prompt/--prompt-file")
     gen = Generator.load(model, mode=mode, compile=compile)
+    fmt = _prompt_format(model) if template else str
     if interactive:
-        _repl(gen, config)
+        _repl(gen, config, fmt)
         return None
-    prompts = _read_prompts(prompt, prompt_file)
+    prompts = [fmt(p) for p in _read_prompts(prompt, prompt_file)]
     if json:
         return "\n".join(dumps(c.to_dict(), ensure_ascii=False) for c in gen.generate(prompts, config))
     if not stream:
@@ -620,7 +622,15 @@ def _print_stream(gen: Generator, prompt: str, config: GenerationConfig, header:
     print(flush=True)
 
 
-def _repl(gen: Generator, config: GenerationConfig) -> None:
+def _prompt_format(model: str) -> Callable[[str], str]:
+    """Prompts as the model was fine-tuned to see them: the template in its finetune.json, if any."""
+    from .checkpoint import prompt_template
+
+    template = prompt_template(model)
+    return str if template is None else (lambda p: template.replace("{prompt}", p))
+
+
+def _repl(gen: Generator, config: GenerationConfig, fmt: Callable[[str], str] = str) -> None:
     print("gpt2lab generate: type a prompt and press Enter; Ctrl-C stops a reply, Ctrl-D quits.", file=sys.stderr)
     while True:
         try:
@@ -631,7 +641,7 @@ def _repl(gen: Generator, config: GenerationConfig) -> None:
         if not line.strip():
             continue
         try:
-            _print_stream(gen, line, config, echo=False)
+            _print_stream(gen, fmt(line), config, echo=False)
         except KeyboardInterrupt:
             print("\n[stopped]", file=sys.stderr)
         except GenerationError as e:
