@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -419,6 +420,8 @@ def finetune(model: str, *, data: str, out: str, config: FinetuneConfig | None =
     merge: with --method lora, also write the best (else last) adapter merged into a plain checkpoint at OUT/merged
     """
     cfg = config or FinetuneConfig()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise TrainingError("gpt2lab finetune runs in one process: run it without torchrun")
     if merge and cfg.method != "lora":
         raise TrainingError("--merge is for LoRA runs: full fine-tuning checkpoints are plain checkpoints already")
     run_dir = Path(out)
