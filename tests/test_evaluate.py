@@ -264,10 +264,12 @@ BIGBENCH = {
 }
 
 
-@pytest.mark.parametrize("prompt", ["task's own prefixes", "BIG-bench defaults"])
+@pytest.mark.parametrize("prompt", ["task's own prefixes", "BIG-bench defaults", "'false' as a string"])
 def test_bigbench_multiple_choice_matches_hf(models, tmp_path, prompt):
     hf, _, ours, tok = models
     task = dict(BIGBENCH)
+    if prompt == "'false' as a string":  # as some BIG-bench tasks write it; BIG-bench tests it for truth
+        task["append_choices_to_input"] = "false"
     if prompt == "BIG-bench defaults":
         for key in ("task_prefix", "example_input_prefix", "example_output_prefix"):
             task.pop(key)
@@ -296,6 +298,8 @@ def test_bigbench_names_resolve_in_the_fetched_package(models, tmp_path, monkeyp
     tasks = cache_dir() / "packages" / "bigbench-1.0.0" / "bigbench" / "benchmark_tasks"
     (tasks / "riddle_sense").mkdir(parents=True, exist_ok=True)
     (tasks / "riddle_sense" / "task.json").write_text(json.dumps(BIGBENCH))
+    (tasks / "riddles").mkdir(exist_ok=True)
+    (tasks / "riddles" / "task.json").write_text(json.dumps({"name": "riddles", "description": "two subtasks"}))
     for sub in ("easy", "hard"):
         (tasks / "riddles" / sub).mkdir(parents=True, exist_ok=True)
         (tasks / "riddles" / sub / "task.json").write_text(json.dumps(BIGBENCH))

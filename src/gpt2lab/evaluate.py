@@ -302,7 +302,8 @@ def bigbench_path(spec: str) -> Path:
     path = tasks_dir / name / "task.json"
     if ".." in Path(name).parts:
         raise TaskFormatError(f"bigbench:{name} is not a task name")
-    if name and not path.is_file() and (subtasks := sorted(p.parent.name for p in path.parent.glob("*/task.json"))):
+    # A task split into subtasks keeps its examples in them (its own task.json, if any, has none).
+    if name and (subtasks := sorted(p.parent.name for p in path.parent.glob("*/task.json"))):
         raise TaskFormatError(f"BIG-bench task {name!r} is split into subtasks ({', '.join(subtasks)}); "
                               f"name one, e.g. bigbench:{name}/{subtasks[0]}")
     if not name or not path.is_file():
@@ -329,7 +330,9 @@ def read_bigbench(path: Path) -> tuple[list[MultipleChoice], dict[str, Any]]:
     except json.JSONDecodeError as e:
         raise TaskFormatError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(task, dict) or not isinstance(task.get("examples"), list):
-        raise TaskFormatError(f"{path}: expected a BIG-bench task, a JSON object with an 'examples' list")
+        subtasks = sorted(p.parent.name for p in path.parent.glob("*/task.json"))
+        hint = f"; its examples are in its subtasks' task.json ({', '.join(subtasks)})" if subtasks else ""
+        raise TaskFormatError(f"{path}: expected a BIG-bench task, a JSON object with an 'examples' list{hint}")
     settings = {
         "task_prefix": task.get("task_prefix", ""),
         "example_input_prefix": task.get("example_input_prefix", "\nQ: "),
@@ -337,9 +340,11 @@ def read_bigbench(path: Path) -> tuple[list[MultipleChoice], dict[str, Any]]:
         "choice_prefix": task.get("choice_prefix", "\n  choice: "),
         "append_choices_to_input": task.get("append_choices_to_input", True),
     }
+    # BIG-bench tests this flag for truth, so the "false" (a string) that some tasks write appends the choices.
+    settings["append_choices_to_input"] = bool(settings["append_choices_to_input"])
     for key, value in settings.items():
-        if not isinstance(value, bool if key == "append_choices_to_input" else str):
-            raise TaskFormatError(f"{path}: {key!r} must be a {'boolean' if key.startswith('append') else 'string'}")
+        if not isinstance(value, bool | str):
+            raise TaskFormatError(f"{path}: {key!r} must be a string, got {json.dumps(value)[:40]}")
     lines = _example_lines(text, len(task["examples"]))
     examples, seen = [], set()
     for k, ex in enumerate(task["examples"]):
@@ -372,17 +377,19 @@ def read_bigbench(path: Path) -> tuple[list[MultipleChoice], dict[str, Any]]:
 
 def _example_lines(text: str, count: int) -> list[int]:
     """The line on which each element of the task's "examples" list starts, or [] if not found."""
-    decoder = json.JSONDecoder()
+    decoder, space = json.JSONDecoder(), re.compile(r"\s*")
     for match in re.finditer(r'"examples"\s*:\s*\[', text):
-        i, lines = match.end(), []
+        i, line, lines = match.end(), text.count("\n", 0, match.end()) + 1, []
         try:
             while True:
-                i += len(text[i:]) - len(text[i:].lstrip())  # skip whitespace
-                if text[i] == "]":
+                start = space.match(text, i).end()
+                line += text.count("\n", i, start)
+                if text[start] == "]":
                     break
-                lines.append(text.count("\n", 0, i) + 1)
-                _, i = decoder.raw_decode(text, i)
-                i += len(text[i:]) - len(text[i:].lstrip())
+                lines.append(line)
+                _, i = decoder.raw_decode(text, start)
+                line += text.count("\n", start, i)
+                i = space.match(text, i).end()
                 if text[i] == ",":
                     i += 1
         except (json.JSONDecodeError, IndexError):
