@@ -428,3 +428,34 @@ def test_eval_command_writes_results_and_prints_one_line(models, tmp_path, capsy
 
     assert main(["eval", str(folder), "--task", "perplexity", "--data", str(text), "--out", str(out)]) == 0
     assert "examples" not in json.loads(out.read_text())
+
+
+def test_eval_scores_a_lora_adapter_as_transformers_scores_its_merged_weights(models, tmp_path, capsys):
+    from transformers import GPT2LMHeadModel
+
+    from gpt2lab.checkpoint import base_reference, export_hf
+    from gpt2lab.lora import LoRAConfig, apply_lora, merge_lora, save_adapter
+
+    hf, folder, _, tok = models
+    model, config = load_model(folder), LoRAConfig(rank=2, targets=("c_attn", "c_fc"))
+    apply_lora(model, config)
+    with torch.no_grad():  # what training would do: a non-zero update
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.copy_(0.05 * torch.randn(p.shape))
+    (tmp_path / "adapter").mkdir()
+    save_adapter(model, tmp_path / "adapter", config=config, base=base_reference(folder))
+    export_hf(merge_lora(model), tmp_path / "merged")
+    merged = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+
+    text = tmp_path / "held_out.txt"
+    text.write_text("the heather in the rain, then the thin tern.\n" * 3)
+    out = tmp_path / "lora.json"
+    assert main(["eval", str(tmp_path / "adapter"), "--task", "perplexity", "--data", str(text), "--stride", "9",
+                 "--out", str(out)]) == 0
+    got = json.loads(out.read_text())["metrics"]["nats_per_token"]
+    ids = tok.encode(text.read_text())
+    nll, count = hf_sliding_window_nll(merged, ids, 9)
+    base_nll, _ = hf_sliding_window_nll(hf, ids, 9)
+    assert got == pytest.approx(nll / count, rel=1e-4)
+    assert abs(got - base_nll / count) > 1e-3  # the adapter was applied
