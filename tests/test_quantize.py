@@ -75,3 +75,20 @@ def test_int8_quantizes_the_tied_embedding_once():
 def test_unknown_mode_is_rejected():
     with pytest.raises(GenerationError, match="unknown mode 'fp8'; choose one of fp32, bf16, int8"):
         prepare(GPT(preset("gpt2-nano", vocab_size=97)), "fp8")
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8"])
+def test_modes_work_on_weights_loaded_from_a_transformers_folder(mode, tmp_path):
+    from conftest import hf_model
+
+    from gpt2lab import load_model
+
+    hf_model(n_layer=2, n_head=4, n_embd=32, n_ctx=64, vocab_size=257).save_pretrained(tmp_path)
+    ref = load_model(tmp_path)  # Conv1D weights arrive as transposed (non-contiguous) views
+    fresh = GPT(ref.config)
+    fresh.load_state_dict(ref.state_dict())  # the same weights, contiguous
+    idx = torch.randint(0, 257, (2, 9))
+    with torch.no_grad():
+        got = prepare(load_model(tmp_path), mode)(idx)
+        want = prepare(fresh, mode)(idx)
+    assert torch.equal(got, want)

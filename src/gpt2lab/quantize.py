@@ -97,7 +97,8 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: (q (N, K) int8, scales (N,) float32) with weight ~= q * scales[:, None]."""
     w = weight.detach().float()
     scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # an all-zero row gets a harmless tiny scale
-    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    # contiguous: weights loaded from HF folders are transposed views, and the kernel needs rows.
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
     return q, scales
 
 
