@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.gpt2lab-installed
 
-.PHONY: test test-fast lint clean
+.PHONY: test test-fast lint clean demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,6 +13,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test,dev]'
 	touch $(STAMP)
+
+# Fetch Shakespeare, learn a vocabulary, train a small GPT-2 on 2 cores for 8 minutes, sample, plot.
+# Offline: `make demo DATA=PATH` trains on your own text instead.
+demo: $(STAMP)
+	$(PY) -m gpt2lab demo $(if $(DATA),--data $(DATA))
 
 test: $(STAMP)
 	$(PY) -m pytest

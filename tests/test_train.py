@@ -391,3 +391,57 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path, fsdp):
     loaded = load_model(tmp_path / "ddp")
     for k, v in single.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v, rtol=1e-4, atol=1e-5)
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    """A prepared data folder: 6 short documents, a 300-id BPE learned from them, a third held out."""
+    from gpt2lab.data import prepare
+    from gpt2lab.tokenizer import train_tokenizer
+
+    rng = np.random.default_rng(0)
+    words = "thou art the king and i am thy servant my lord what say you to this good night".split()
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"doc{i}.txt").write_text(" ".join(rng.choice(words, size=1500)) + "\n")
+    train_tokenizer([str(p) for p in sorted(corpus.iterdir())], vocab_size=300, out=str(tmp_path / "tok"))
+    prepare(str(corpus), out=tmp_path / "data", tokenizer=str(tmp_path / "tok"), val_fraction=0.34, progress=False)
+    return tmp_path / "data"
+
+
+def test_gpt2lab_train_runs_resumes_and_refuses_to_overwrite(tmp_path, prepared, capsys):
+    from gpt2lab.cli import main
+
+    args = ["train", "--data", str(prepared), "--out", str(tmp_path / "run"), "--model", "gpt2-nano",
+            "--batch-size", "4", "--block-size", "32", "--eval-interval", "2", "--eval-batches", "2",
+            "--ckpt-interval", "2", "--log-interval", "1", "--device", "cpu"]
+    assert main([*args, "--max-steps", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "stopped at step 4" in out and "bits/byte" in out
+    assert main([*args, "--max-steps", "4"]) == 2  # the run exists: a one-line error, nothing touched
+    assert "--resume" in capsys.readouterr().err
+    assert main([*args, "--max-steps", "6", "--resume"]) == 0
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000006"
+    model = load_model(tmp_path / "run")
+    assert model.config.vocab_size == 300 and model.config.n_layer == 3
+    rows = metrics(tmp_path / "run")
+    assert [r["step"] for r in rows if "train_loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert all(r["val_bpb"] > 0 for r in rows if "val_loss" in r)
+
+
+def test_cli_builds_train_config_from_options():
+    from gpt2lab.cli import _grouped, build_parser
+
+    parser = build_parser(["train"])
+    args = vars(parser.parse_args(["train", "--data", "d", "--out", "o", "--lr", "0.01", "--compile",
+                                   "--precision", "bf16", "--max-steps", "7"]))
+    args.pop("_func")
+    args = _grouped(args)
+    assert args["config"] == TrainConfig(lr=0.01, compile=True, precision="bf16", max_steps=7)
+    assert args["data"] == "d" and args["resume"] is False
+    with pytest.raises(SystemExit):  # --data and --out are required
+        parser.parse_args(["train", "--out", "o"])

@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "generate": "generate:generate",
     "prepare": "data:prepare",
     "train": "train:train",
+    "demo": "demo:demo",
     "tokenizer encode": "tokenizer:encode_files",
     "tokenizer decode": "tokenizer:decode_ids",
     "tokenizer count": "tokenizer:count_tokens",
@@ -122,12 +123,15 @@ def _add_arguments(parser: argparse.ArgumentParser, func: Callable[..., Any], do
             continue
         hint = hints.get(p.name, str)
         if (cls := _config_class(hint)) is not None:
-            # A config dataclass parameter becomes one --option per field, its docstring the help.
+            # A config dataclass parameter becomes one --option per field, its docstring the help;
+            # an instance as the parameter's default supplies the defaults (e.g. the demo's settings).
             field_hints, field_docs = typing.get_type_hints(cls), _field_docs(cls)
+            base = p.default if isinstance(p.default, cls) else None
             for f in dataclasses.fields(cls):
                 if f.metadata.get("cli") is False:  # set by the function itself, not an option
                     continue
-                _add_option(parser, f.name, f"{p.name}.{f.name}", field_hints[f.name], f.default,
+                default = getattr(base, f.name) if base is not None else f.default
+                _add_option(parser, f.name, f"{p.name}.{f.name}", field_hints[f.name], default,
                             field_docs.get(f.name, ""))
             groups[p.name] = cls
         elif p.default is inspect.Parameter.empty and p.kind is not p.KEYWORD_ONLY:

@@ -893,7 +893,14 @@ def train(*, data: str, out: str, config: TrainConfig | None = None, resume: boo
     out:    the run folder: checkpoints/, metrics.jsonl, loss.png, provenance.jsonl
     resume: continue the run in --out from its newest checkpoint
     """
-    cfg = config or TrainConfig()
+    result = pretrain(data, out, config or TrainConfig(), resume=resume)
+    return summary(result, out) if int(os.environ.get("RANK", "0")) == 0 else None  # rank 0 reports
+
+
+def pretrain(data: str | Path, out: str | Path, cfg: TrainConfig, *, resume: bool = False) -> FitResult:
+    """`train` as a function returning the FitResult: joins torchrun's process group, builds
+    the model and the loaders from the data folder, and runs fit()."""
+    joined = not distributed.world().distributed  # a group we join here is ours to leave
     world = distributed.init_from_env(resolve_device(cfg.device).type)
     try:
         tokenizer = datasets.load_tokenizer(data)
@@ -910,21 +917,16 @@ def train(*, data: str, out: str, config: TrainConfig | None = None, resume: boo
                    for split in ("train", "val")}
         torch.manual_seed(cfg.seed)
         model = GPT(model_cfg)
-        result = fit(model, cfg, loaders["train"], val=loaders["val"], run_dir=out, tokenizer=tokenizer,
-                     resume=resume, bytes_per_token=val_bytes_per_token(manifest))
+        return fit(model, cfg, loaders["train"], val=loaders["val"], run_dir=out, tokenizer=tokenizer,
+                   resume=resume, bytes_per_token=val_bytes_per_token(manifest))
     finally:
-        distributed.shutdown()
-    if not world.is_main:
-        return None
-    return summary(result, out)
+        if joined:
+            distributed.shutdown()
 
 
 def val_bytes_per_token(manifest: dict[str, Any]) -> float | None:
     """UTF-8 bytes per token of the validation split, from a data manifest (None if it does not say)."""
-    split = manifest.get("splits", {}).get("val", {})
-    if split.get("bytes") and split.get("tokens"):
-        return split["bytes"] / split["tokens"]
-    return None
+    return manifest.get("splits", {}).get("val", {}).get("bytes_per_token")
 
 
 def summary(result: FitResult, run_dir: str | Path) -> str:

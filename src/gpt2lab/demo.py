@@ -1,0 +1,135 @@
+"""`make demo`: a small GPT-2 learns Shakespeare on two CPU cores in eight minutes.
+
+Fetch the corpus, learn a BPE vocabulary from its training split, prepare token shards, train
+under a time budget, then print samples, the loss plot's path and the held-out loss in bits per
+byte next to a unigram baseline. Every stage is a public gpt2lab function; this module only
+strings them together (the settings were chosen by the trials in the README).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data as datasets
+from .checkpoint import load_model
+from .errors import FetchError
+from .generate import Generator
+from .tokenizer import Tokenizer, train_tokenizer
+from .train import FitResult, TrainConfig, pretrain
+
+# What eight minutes on two cores buys best (README, "Choosing the demo's model").
+DEMO_CONFIG = TrainConfig(
+    model="gpt2-micro", block_size=256, batch_size=16, max_steps=100_000, max_minutes=8.0,
+    lr=4e-3, min_lr=4e-4, warmup_steps=50, eval_interval=100, eval_batches=8,
+    log_interval=10, ckpt_interval=250, keep_last=2,
+)
+DEMO_VOCAB = 4096
+PROMPTS = ("Romeo.\n", "Ham.\nTo be, or not to be", "KING.\nMy lords,")
+NO_CORPUS_HELP = ("with no network and no package index the demo cannot fetch Shakespeare: run "
+                  "`gpt2lab demo --data PATH` (or `make demo DATA=PATH`) on your own text, a folder of .txt "
+                  "files or a .jsonl file with a text field")
+
+
+def demo(*, data: str | None = None, out: str = "runs/demo", vocab_size: int = DEMO_VOCAB, threads: int = 2,
+         config: TrainConfig = DEMO_CONFIG) -> str:
+    """Train a small GPT-2 on Shakespeare on this CPU for a few minutes, then sample from it and report.
+
+    data: your own corpus instead of Shakespeare: a folder of .txt files or a .jsonl file (a text field)
+    out: folder for the vocabulary, the prepared tokens and the runs (each run gets a new folder)
+    vocab_size: ids of a BPE vocabulary learned from the training split; 0 uses GPT-2's own 50,257
+    threads: CPU threads to train with
+    """
+    torch.set_num_threads(threads)
+    root = Path(out)
+    source = data or "shakespeare"
+    try:
+        if source in datasets.CATALOG:
+            datasets.corpus_files(source)  # fetch first: without a network, say so before any work
+        if vocab_size:
+            tok_dir = learned_vocabulary(source, vocab_size, root)
+            data_dir = root / "data" / tok_dir.name
+            datasets.prepare(source, out=data_dir, tokenizer=str(tok_dir))
+        else:
+            data_dir = root / "data" / "gpt2"
+            datasets.prepare(source, out=data_dir)
+    except FetchError as e:
+        if data is None:
+            raise FetchError(f"{NO_CORPUS_HELP} ({e})") from e
+        raise
+    run_dir = root / f"run-{datetime.now():%Y%m%d-%H%M%S}"
+    result = pretrain(data_dir, run_dir, config)
+    return report(result, run_dir, data_dir)
+
+
+def learned_vocabulary(source: str, vocab_size: int, root: Path) -> Path:
+    """A BPE vocabulary of `vocab_size` ids learned from the training split of `source` only.
+
+    The split is made by `prepare` itself, with a byte vocabulary (256 bytes and <|endoftext|>,
+    no merges), and its text read back exactly; so the held-out documents never shape the
+    vocabulary, for any source, and nothing needs fetching. Cached by content under root.
+    """
+    bytes_tok = root / "tokenizers" / "bytes"
+    if not (bytes_tok / "tokenizer.json").is_file():
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "empty.txt").write_text(" ")  # 257 ids leave no room for merges: any text will do
+            train_tokenizer([str(Path(tmp) / "empty.txt")], vocab_size=257, out=str(bytes_tok))
+    bytes_dir = root / "data" / "bytes"
+    datasets.prepare(source, out=bytes_dir, tokenizer=str(bytes_tok))
+    folder = root / "tokenizers" / f"bpe{vocab_size}-{datasets.read_manifest(bytes_dir)['fingerprint'][:12]}"
+    if (folder / "tokenizer.json").is_file():
+        return folder
+    tok = Tokenizer.from_dir(bytes_tok)
+    shards = datasets.TokenShards(bytes_dir, "train")
+    with tempfile.TemporaryDirectory() as tmp:
+        text = Path(tmp) / "train.txt"
+        with open(text, "wb") as f:  # bytes: a chunk may end inside a character
+            for start in range(0, len(shards), 1 << 22):
+                ids = shards.read([start], min(1 << 22, len(shards) - start))[0]
+                ids[ids == tok.eot_id] = tok.encode("\n")[0]  # a document boundary becomes a line break
+                f.write(tok.decode_bytes(ids))
+        train_tokenizer([str(text)], vocab_size=vocab_size, out=str(folder))
+    return folder
+
+
+def unigram_bits_per_byte(data_dir: str | Path) -> float:
+    """The entropy of the training split's token frequencies, in bits per byte of text.
+
+    A model that ignores context entirely can do no better (on text like its training text);
+    a model worth the name must be well below it.
+    """
+    shards = datasets.TokenShards(data_dir, "train")
+    counts = np.zeros(shards.vocab_size, dtype=np.int64)
+    for start in range(0, len(shards), 1 << 22):
+        counts += np.bincount(shards.read([start], min(1 << 22, len(shards) - start))[0], minlength=len(counts))
+    p = counts[counts > 0] / counts.sum()
+    bits_per_token = float(-(p * np.log2(p)).sum())
+    return bits_per_token / datasets.read_manifest(data_dir)["splits"]["train"]["bytes_per_token"]
+
+
+def report(result: FitResult, run_dir: Path, data_dir: Path) -> str:
+    """Samples from the trained model, and its held-out bits per byte against the unigram baseline."""
+    tokenizer = datasets.load_tokenizer(data_dir)
+    generator = Generator(load_model(run_dir), tokenizer)
+    lines = [f"trained {result.step} steps in {result.elapsed_s / 60:.1f} min ({result.stop_reason.replace('_', ' ')})"]
+    for title, options in (("greedy", dict(greedy=True)),
+                           ("sampled, temperature 0.8, top-k 40", dict(temperature=0.8, top_k=40, seed=0))):
+        lines.append(f"\n--- {title} ---")
+        for prompt, completion in zip(PROMPTS, generator.generate(list(PROMPTS), max_new_tokens=60, **options),
+                                      strict=True):
+            lines.append(prompt + completion.text)
+            lines.append("")
+    unigram = unigram_bits_per_byte(data_dir)
+    bpb = result.val_bpb if result.val_bpb is not None else math.nan
+    lines += [
+        f"held-out loss: {bpb:.3f} bits per byte (a unigram model of the training tokens: {unigram:.3f}; "
+        f"{tokenizer.vocab_size}-id vocabulary)",
+        f"loss plot: {run_dir / 'loss.png'}",
+        f"checkpoint: {result.checkpoint} (gpt2lab.load_model({str(run_dir)!r}) loads it)",
+    ]
+    return "\n".join(lines)
