@@ -651,14 +651,16 @@ def train_tokenizer(input: list[str] | None = None, *, vocab_size: int = 50257, 
 
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # GPT-2's regex
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, min_frequency=min_frequency, show_progress=True,
+    # HF's own bars (counting, merges) draw only on a terminal, and print blank lines to stdout otherwise.
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, min_frequency=min_frequency,
+                                  show_progress=sys.stderr.isatty(),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
     with tqdm(total=total, unit="B", unit_scale=True, desc="reading", file=sys.stderr) as bar:
         hf.train_from_iterator(_chunks(files, bar), trainer=trainer)
     model = json.loads(hf.to_str())["model"]
     tok = Tokenizer(_trained_vocabulary(model["merges"]))
     tok.save(out)
-    short = f" (asked for {vocab_size}: the text has no more pairs occurring {min_frequency}+ times)" \
+    short = f"; asked for {vocab_size}, but no more pairs occur {min_frequency}+ times" \
         if tok.vocab_size < vocab_size else ""
     return f"wrote {tok.name} ({tok.vocab_size} ids{short}) to {out}"
 
