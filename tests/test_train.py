@@ -445,3 +445,22 @@ def test_cli_builds_train_config_from_options():
     assert args["data"] == "d" and args["resume"] is False
     with pytest.raises(SystemExit):  # --data and --out are required
         parser.parse_args(["train", "--out", "o"])
+
+
+def test_bf16_autocast_on_cpu_trains_and_is_recorded(tmp_path):
+    _, result = run(tmp_path, "run", config(max_steps=4, precision="bf16"))
+    assert math.isfinite(result.train_loss) and math.isfinite(result.val_loss)
+    prov = json.loads((tmp_path / "run/provenance.jsonl").read_text())
+    assert prov["precision"] == "bf16 autocast"
+    assert load_model(tmp_path / "run").transformer.wte.weight.dtype == torch.float32  # weights stay fp32
+
+
+def test_tensorboard_is_written_when_asked_and_installed(tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(TrainingError, match="pip install tensorboard"):
+            run(tmp_path, "run", config(max_steps=2, tensorboard=True))
+        return
+    run(tmp_path, "run", config(max_steps=2, tensorboard=True))
+    assert any((tmp_path / "run/tensorboard").glob("events.out.tfevents.*"))

@@ -576,11 +576,11 @@ def fit(
     model.gradient_checkpointing = cfg.gradient_checkpointing
     saved: dict[str, Any] | None = None
     if ckpt is not None:
-        # Weights go into the plain model before any wrapper, so every rank starts identical.
-        strategy.load(model, ckpt)
         saved = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
         _check_resumable(saved["config"], cfg, ckpt)
         progress = _Progress(**saved["progress"])
+        # Weights go into the plain model before any wrapper, so every rank starts identical.
+        strategy.load(model, ckpt)
     wrapped = distributed.wrap(model, fsdp=cfg.fsdp, device=device)
     if cfg.compile:
         wrapped = torch.compile(wrapped)
@@ -640,17 +640,9 @@ def fit(
                 lr = learning_rate(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup_steps, horizon=horizon)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss_sum = torch.zeros((), device=device)
-                tokens = 0
-                for micro in range(accum):
-                    batch = tuple(t.to(device, non_blocking=True)
-                                  for t in batches.get(step, world.rank * accum + micro))
-                    with distributed.grad_sync(wrapped, micro == accum - 1):
-                        with amp:
-                            loss = strategy.loss(wrapped(batch[0]), batch) / accum
-                        loss.backward()
-                    loss_sum += loss.detach()
-                    tokens += batch[0].numel()
+                loss_sum, tokens, seq_len = _accumulate_gradients(
+                    wrapped, batches, step, rank=world.rank, accum=accum, device=device, amp=amp,
+                    loss_fn=strategy.loss)
                 norm = nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or math.inf)
                 norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
                 time_up = cfg.max_minutes > 0 and time.perf_counter() - start >= cfg.max_minutes * 60
@@ -688,7 +680,7 @@ def fit(
                     tok_s = window.tokens / seconds if seconds > 0 else float("nan")
                     row = {"step": step, "elapsed_s": round(progress.elapsed, 3), "lr": lr,
                            "train_loss": window.mean_loss(), "grad_norm": grad_norm, "tokens_per_s": tok_s,
-                           "mfu": tok_s * flops_per_token(model.config, batch[0].shape[1]) / (peak * world.size),
+                           "mfu": tok_s * flops_per_token(model.config, seq_len) / (peak * world.size),
                            "tokens": progress.tokens}
                     window.restart()
                 improved = False
@@ -726,6 +718,27 @@ def fit(
     if world.is_main and (run_dir / METRICS).is_file():
         plot_metrics(run_dir)
     return result
+
+
+def _accumulate_gradients(model: nn.Module, batches: Batches, step: int, *, rank: int, accum: int,
+                          device: torch.device, amp: Any, loss_fn: Callable[..., torch.Tensor],
+                          ) -> tuple[torch.Tensor, int, int]:
+    """Forward and backward over this rank's micro-batches of `step`, syncing gradients on the last.
+
+    Returns the mean loss over the micro-batches (a tensor: no device sync), the tokens seen and the
+    sequence length. Each micro-batch's loss is divided by `accum` so the summed gradients are a mean.
+    """
+    loss_sum = torch.zeros((), device=device)
+    tokens = seq_len = 0
+    for micro in range(accum):
+        batch = tuple(t.to(device, non_blocking=True) for t in batches.get(step, rank * accum + micro))
+        with distributed.grad_sync(model, micro == accum - 1):
+            with amp:
+                loss = loss_fn(model(batch[0]), batch) / accum
+            loss.backward()
+        loss_sum += loss.detach()
+        tokens, seq_len = tokens + batch[0].numel(), batch[0].shape[1]
+    return loss_sum, tokens, seq_len
 
 
 class _Window:
