@@ -504,3 +504,15 @@ def test_cli_interactive_answers_each_line(checkpoint, capsys, monkeypatch):
     gen = Generator.load(checkpoint)
     replies = [gen.generate(p, greedy=True, max_new_tokens=4)[0].text for p in ("first prompt", "second prompt")]
     assert out == ">>> " + replies[0] + "\n>>> >>> " + replies[1] + "\n>>> "
+
+
+@pytest.mark.slow
+def test_compiled_generation_equals_eager():
+    torch.manual_seed(0)
+    model = GPT(preset("gpt2-nano", vocab_size=97)).eval()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]  # padded: the compiled graphs take masks and positions
+    options = dict(max_new_tokens=6, stop_at_eot=False, top_logprobs=1, seed=0)
+    eager = Generator(model, eot_id=96).generate_ids(prompts, **options)
+    compiled = Generator(model, eot_id=96, compile=True).generate_ids(prompts, **options)
+    assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
+    torch.testing.assert_close([c.logprobs for c in compiled], [c.logprobs for c in eager], atol=1e-4, rtol=0)

@@ -1,6 +1,6 @@
 """Generation speed and quality: gpt2lab's Generator against transformers' generate, per speed mode.
 
-    flock /tmp/gpt2lab-bench.lock .venv/bin/python benchmarks/generate/bench.py [--rounds 2] [--compile]
+    flock /tmp/gpt2lab-bench.lock .venv/bin/python benchmarks/generate/bench.py [--rounds 2] [--compile [MODE ...]]
 
 GPT-2 124M with random weights, 16-token prompts + 128 new tokens, greedy, batch 1 and 8. Every
 configuration runs in its own subprocess (so its peak RSS is its own), and the rounds interleave
@@ -217,7 +217,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=2, help="timed repetitions inside each subprocess")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--compile", action="store_true", help="also time torch.compile (fp32/bf16/int8, batch 1)")
+    p.add_argument("--compile", nargs="*", choices=MODES, default=None,
+                   help="also time torch.compile at batch 1 in these modes (no mode given: fp32)")
     p.add_argument("--trained", help="a trained checkpoint for the quality measurement (with --text)")
     p.add_argument("--text", help="held-out text file for --trained")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/generate.json"))
@@ -245,8 +246,8 @@ def main() -> None:
         write_weights(folder)
         configs = [("hf", "fp32", b, 0) for b in args.batches]
         configs += [("ours", m, b, 0) for m in MODES for b in args.batches]
-        if args.compile:
-            configs += [("ours", m, 1, 1) for m in MODES]
+        if args.compile is not None:
+            configs += [("ours", m, 1, 1) for m in (args.compile or ["fp32"])]
         best: dict[tuple, dict] = {}
         bw = child(["--child", "bandwidth", *common])
         for r in range(args.rounds):

@@ -75,14 +75,14 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(torch.bfloat16),
                                                                  requires_grad=False)
-        self.packed = _has_mkldnn_linear()
+        self.packed = _has_mkldnn_linear() and weight.device.type == "cpu"
         if self.packed:
             # The batch-size hint picks the layout; 1 suits decoding and works for any batch.
             weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
         self.register_buffer("weight", weight, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed and x.device.type == "cpu":
+        if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
