@@ -52,13 +52,13 @@ def prompts_for(cfg, lengths=(5, 1, 9, 3)):
     return [torch.randint(0, cfg["vocab_size"], (n,), generator=g).tolist() for n in lengths]
 
 
-def hf_greedy(hf, prompts, max_new_tokens):
+def hf_greedy(hf, prompts, max_new_tokens, **options):
     """transformers' greedy output for left-padded prompts: the new ids of each row."""
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                      min_new_tokens=max_new_tokens, pad_token_id=0, eos_token_id=None)
+                      min_new_tokens=max_new_tokens, pad_token_id=0, eos_token_id=None, **options)
     return out[:, width:].tolist()
 
 
@@ -82,6 +82,19 @@ def test_greedy_matches_transformers_alone_and_batched(pair):
     assert [c.token_ids for c in batched] == want
     assert hf_greedy(hf, prompts, n) == want  # transformers' own batching agrees too
     assert all(c.finish_reason == "length" and len(c.token_ids) == n for c in batched)
+
+
+def test_greedy_with_repetition_penalty_matches_transformers(pair):
+    hf, ours, cfg = pair
+    prompts = prompts_for(cfg)
+    n = min(12, cfg["n_ctx"] - max(map(len, prompts)))
+    gen = Generator(ours)
+    changed = 0
+    for p in prompts:  # alone: transformers would also penalise the padding id in a batch
+        got = gen.generate_ids([p], greedy=True, max_new_tokens=n, stop_at_eot=False, repetition_penalty=1.5)[0]
+        assert got.token_ids == hf_greedy(hf, [p], n, repetition_penalty=1.5)[0]
+        changed += got.token_ids != gen.generate_ids([p], greedy=True, max_new_tokens=n, stop_at_eot=False)[0].token_ids
+    assert changed  # the penalty mattered somewhere
 
 
 def test_logprobs_are_the_models_log_softmax(pair):

@@ -331,8 +331,9 @@ class Generator:
         from .checkpoint import load_model, load_tokenizer
         from .quantize import prepare
 
-        model = prepare(load_model(path), mode)
-        return cls(model, load_tokenizer(path), compile=compile)
+        tokenizer = load_tokenizer(path)
+        model = prepare(load_model(path, tokenizer=tokenizer), mode)  # raises if they do not belong together
+        return cls(model, tokenizer, compile=compile)
 
     # -- public API --
 
@@ -383,8 +384,8 @@ class Generator:
         if config.add_bos and self.eot_id is None:
             raise GenerationError("add_bos needs the <|endoftext|> id: pass eot_id= or a tokenizer")
         if config.stop_at_eot and self.eot_id is None:
-            config_hint = "pass eot_id= or a tokenizer, or set stop_at_eot=False"
-            raise GenerationError(f"stop_at_eot needs the <|endoftext|> id: {config_hint}")
+            raise GenerationError("stop_at_eot needs the <|endoftext|> id: pass eot_id= or a tokenizer, "
+                                  "or set stop_at_eot=False")
         vocab = self.model.config.vocab_size
         rows = []
         for i, prompt in enumerate(prompts):
