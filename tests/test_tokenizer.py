@@ -1,4 +1,4 @@
-"""The tokenizer: OpenAI's ids on any text (two independent oracles), special-token safety, decoding,
+"""The tokenizer: OpenAI's ids on any text (three oracles), special-token safety, decoding,
 training, saving, and the checkpoint's record of which tokenizer a model was trained with."""
 
 from __future__ import annotations
@@ -112,6 +112,25 @@ def hf_oracle(encoder_json: Path, vocab_bpe: Path):
     return hf
 
 
+def official_tiktoken_gpt2(files: Path, cache: Path):
+    """tiktoken's own `get_encoding("gpt2")`: its loader, its regex, its special tokens. It downloads
+    OpenAI's two files into TIKTOKEN_CACHE_DIR under the sha1 of their URL (checking their sha256),
+    so placing the verified files there first makes it work offline."""
+    import hashlib
+
+    import tiktoken
+
+    base = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+    cache.mkdir(parents=True, exist_ok=True)
+    for name in ("vocab.bpe", "encoder.json"):
+        (cache / hashlib.sha1((base + name).encode()).hexdigest()).write_bytes((files / name).read_bytes())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+        enc = tiktoken.get_encoding("gpt2")
+    assert enc.n_vocab == 50257
+    return enc
+
+
 def hf_ids(hf, text: str) -> list[int]:
     # split_special_tokens: "<|endoftext|>" in text is plain text, as in our default policy.
     return hf.encode(text, split_special_tokens=True)
@@ -140,6 +159,11 @@ def tok(gpt2_files) -> Tokenizer:
 @pytest.fixture(scope="session")
 def hf(gpt2_files):
     return hf_oracle(gpt2_files / "encoder.json", gpt2_files / "vocab.bpe")
+
+
+@pytest.fixture(scope="session")
+def tiktoken_gpt2(gpt2_files, tmp_path_factory):
+    return official_tiktoken_gpt2(gpt2_files, tmp_path_factory.mktemp("tiktoken-cache"))
 
 
 @pytest.fixture(scope="session")
@@ -211,6 +235,14 @@ def test_matches_gpt2_tokenizer_fast_on_varied_corpus(tok, hf):
         assert ids == hf_ids(hf, text), text
 
 
+def test_matches_tiktoken_gpt2_on_varied_corpus(tok, tiktoken_gpt2):
+    corpus = varied_corpus(seed=10)
+    assert tok.encode_batch(corpus) == tiktoken_gpt2.encode_ordinary_batch(corpus)
+    for text in corpus[:50]:
+        special = text + EOT + text
+        assert tok.encode(special, allowed_special="all") == tiktoken_gpt2.encode(special, allowed_special="all")
+
+
 def test_matches_openai_encoder_on_varied_corpus(tok, openai):
     for text in varied_corpus(seed=1, n_docs=150):
         assert tok.encode(text) == openai.encode(text), text
@@ -227,10 +259,11 @@ def test_very_long_words(tok, hf):
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.text(max_size=60))
-def test_matches_both_oracles_on_arbitrary_text(tok, hf, openai, text):
+def test_matches_all_oracles_on_arbitrary_text(tok, hf, openai, tiktoken_gpt2, text):
     ids = tok.encode(text)
     assert ids == openai.encode(text)
     assert ids == hf_ids(hf, text)
+    assert ids == tiktoken_gpt2.encode_ordinary(text)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
