@@ -118,12 +118,11 @@ def report(result: FitResult, run_dir: Path, data_dir: Path) -> str:
     generator = Generator(load_model(run_dir), tokenizer)
     lines = [f"trained {result.step} steps in {result.elapsed_s / 60:.1f} min ({result.stop_reason.replace('_', ' ')})"]
     for title, options in (("greedy", dict(greedy=True)),
-                           ("sampled, temperature 0.8, top-k 40", dict(temperature=0.8, top_k=40, seed=0))):
+                           ("sampled, temperature 0.8, top-k 40", dict(temperature=0.8, top_k=40))):
         lines.append(f"\n--- {title} ---")
-        for prompt, completion in zip(PROMPTS, generator.generate(list(PROMPTS), max_new_tokens=60, **options),
-                                      strict=True):
-            lines.append(prompt + completion.text)
-            lines.append("")
+        for seed, prompt in enumerate(PROMPTS):  # a seed per prompt: one seed would give them one random stream
+            completion = generator.generate(prompt, max_new_tokens=60, seed=seed, **options)[0]
+            lines += [prompt + completion.text, ""]
     unigram = unigram_bits_per_byte(data_dir)
     bpb = result.val_bpb if result.val_bpb is not None else math.nan
     lines += [
