@@ -169,7 +169,7 @@ def quality(folder: Path, trained: str | None, text: str | None) -> dict:
     from gpt2lab.generate import Generator
     from gpt2lab.quantize import prepare
 
-    source = trained or folder
+    source = trained or folder  # folder is "-" with --quality-only
     ref = load_model(source)
     if text is not None:
         ids = load_tokenizer(source).encode(Path(text).read_text(encoding="utf-8"))
@@ -221,6 +221,7 @@ def main() -> None:
                    help="also time torch.compile at batch 1 in these modes (no mode given: fp32)")
     p.add_argument("--trained", help="a trained checkpoint for the quality measurement (with --text)")
     p.add_argument("--text", help="held-out text file for --trained")
+    p.add_argument("--quality-only", action="store_true", help="only the quality measurement (with --trained/--text)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/generate.json"))
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -241,6 +242,13 @@ def main() -> None:
         return
 
     common = ["--threads", str(args.threads), "--reps", str(args.reps)]
+    trained = [*(["--trained", args.trained] if args.trained else []), *(["--text", args.text] if args.text else [])]
+    if args.quality_only:
+        if not args.trained:
+            p.error("--quality-only needs --trained (and --text)")
+        qual = child(["--child", "quality", "-", *common, *trained])
+        print(render({"quality": qual}))
+        return
     with tempfile.TemporaryDirectory(prefix="gpt2lab-bench-") as tmp:
         folder = Path(tmp) / "gpt2-random"
         write_weights(folder)
@@ -260,9 +268,7 @@ def main() -> None:
                       file=sys.stderr)
             bw2 = child(["--child", "bandwidth", *common])
             bw = {k: max(bw[k], bw2[k]) for k in bw}
-        qual = child(["--child", "quality", str(folder), *common,
-                      *(["--trained", args.trained] if args.trained else []),
-                      *(["--text", args.text] if args.text else [])])
+        qual = child(["--child", "quality", str(folder), *common, *trained])
 
     rows = []
     for (impl, mode, batch, comp), res in best.items():
@@ -288,6 +294,20 @@ def main() -> None:
 
 
 def render(report: dict) -> str:
+    lines = []
+    if "runs" in report:
+        lines += speed_table(report)
+    q = report["quality"]
+    lines += ["", f"Quality on {q['held_out']}:", "",
+              "| mode | perplexity | change vs fp32 | KL(fp32 || mode) nats | argmax agreement |",
+              "|---|---|---|---|---|"]
+    for mode, m in q["modes"].items():
+        lines.append(f"| {mode} | {m['perplexity']:.3f} | {m['perplexity_change_pct']:+.2f}% | {m['kl_nats']:.5f} | "
+                     f"{m['argmax_agreement']:.1%} |")
+    return "\n".join(lines)
+
+
+def speed_table(report: dict) -> list[str]:
     bw = report["bandwidth"]
     lines = [f"threads {report['threads']}; measured bandwidth: read {bw['read_gb_s']:.1f} GB/s, "
              f"copy {bw['copy_gb_s']:.1f} GB/s", "",
@@ -298,14 +318,7 @@ def render(report: dict) -> str:
         lines.append(f"| {r['impl']} | {r['mode']} | {r['batch']} | {r['tokens_per_s']} | {r['vs_hf_fp32']}x | "
                      f"{r['ttft_ms']} | {r['peak_rss_mib']} | {r['weights_mb_per_step']} | {r['weights_gb_s']} | "
                      f"{r['of_read_bw']:.0%} | {r['token_agreement_hf']:.1%} |")
-    q = report["quality"]
-    lines += ["", f"Quality on {q['held_out']}:", "",
-              "| mode | perplexity | change vs fp32 | KL(fp32 || mode) nats | argmax agreement |",
-              "|---|---|---|---|---|"]
-    for mode, m in q["modes"].items():
-        lines.append(f"| {mode} | {m['perplexity']:.3f} | {m['perplexity_change_pct']:+.2f}% | {m['kl_nats']:.5f} | "
-                     f"{m['argmax_agreement']:.1%} |")
-    return "\n".join(lines)
+    return lines
 
 
 if __name__ == "__main__":
