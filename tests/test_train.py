@@ -464,3 +464,14 @@ def test_tensorboard_is_written_when_asked_and_installed(tmp_path):
         return
     run(tmp_path, "run", config(max_steps=2, tensorboard=True))
     assert any((tmp_path / "run/tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_fresh_start_sets_aside_the_log_of_an_attempt_that_never_saved(tmp_path):
+    def diverge(logits, batch):
+        return lm_loss(logits, batch) * math.nan
+
+    with pytest.raises(TrainingError, match="step 1"):
+        run(tmp_path, "run", config(max_steps=4), strategy=Strategy(loss=diverge))
+    run(tmp_path, "run", config(max_steps=4))
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [0, 1, 2, 3, 4]
+    assert len(list((tmp_path / "run").glob("metrics-*.jsonl"))) == 1

@@ -809,6 +809,9 @@ def _open_run(run_dir: Path, resume: bool, is_main: bool) -> Path | None:
                             "or choose another --out")
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        metrics = run_dir / METRICS
+        if ckpt is None and metrics.is_file():  # an earlier attempt that never saved: keep its log aside
+            metrics.rename(run_dir / f"metrics-{datetime.fromtimestamp(metrics.stat().st_mtime):%Y%m%d-%H%M%S}.jsonl")
         if ckpt is not None:
             step = int(ckpt.name.removeprefix("step-"))
             _truncate_metrics(run_dir / METRICS, step)
