@@ -255,13 +255,14 @@ def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes_identically(tmp_path):
     assert train_losses(tmp_path / "stopped") == train_losses(tmp_path / "straight")
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, bad):
     calls = {"n": 0}
 
     def poisoned(logits, batch):
         calls["n"] += 1
         loss = lm_loss(logits, batch)
-        return loss * math.nan if calls["n"] > 2 * 5 else loss  # 2 micro-batches a step: step 6 is bad
+        return loss * bad if calls["n"] > 2 * 5 else loss  # 2 micro-batches a step: step 6 is bad
 
     cfg = config(max_steps=10, ckpt_interval=2, eval_interval=0)
     with pytest.raises(TrainingError, match="step 6") as err:
