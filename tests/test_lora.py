@@ -11,7 +11,7 @@ import torch.nn as nn
 from conftest import ODD_CONFIGS, hf_model
 
 from gpt2lab import GPTConfig, export_hf, load_model, save_checkpoint
-from gpt2lab.checkpoint import base_reference, latest_checkpoint, load_tokenizer, resolve
+from gpt2lab.checkpoint import base_reference, info, latest_checkpoint, load_tokenizer, resolve
 from gpt2lab.errors import CheckpointError
 from gpt2lab.lora import (
     ADAPTER_CONFIG,
@@ -143,6 +143,9 @@ def adapted(tmp_path):
 
 def test_adapter_folder_is_small_and_names_its_base(adapted):
     base, adapter, model = adapted
+    described = info(str(adapter))
+    assert described["format"] == "gpt2lab-lora" and described["base"] == str(base.resolve())
+    assert described["adapter_parameters"] == sum(t.numel() for t in lora_state_dict(model).values())
     meta = json.loads((adapter / ADAPTER_CONFIG).read_text())
     assert meta["base"]["path"] == str(base.resolve()) and meta["base"]["format"] == "gpt2lab"
     assert meta["rank"] == 4 and meta["targets"] == ["c_attn", "c_fc"]

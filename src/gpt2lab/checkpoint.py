@@ -423,11 +423,18 @@ def convert(src: str, dst: str, *, to: Literal["hf", "gpt2lab"] = "gpt2lab") -> 
 def info(path: str) -> dict[str, Any]:
     """Describe a checkpoint: format, config, parameter count and size on disk.
 
-    path: a gpt2lab checkpoint, run folder, or HF folder
+    path: a gpt2lab checkpoint, run folder, HF folder, or LoRA adapter
     """
-    folder, fmt = resolve(path)
-    cfg = load_config(folder)
+    if (adapter := adapter_folder(path)) is not None:
+        config, meta = lora.read_adapter_config(adapter)
+        folder, fmt = adapter, "gpt2lab-lora"
+        extra = {"lora": config.to_dict(), "base": meta["base"]["path"],
+                 "adapter_parameters": lora.safetensors_numel(adapter / lora.ADAPTER_WEIGHTS)}
+        cfg = GPTConfig.from_dict(meta["base"]["config"])
+    else:
+        folder, fmt = resolve(path)
+        cfg, extra = load_config(folder), {}
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     return {"path": str(folder), "format": fmt, "config": cfg.to_dict(),
-            "parameters": cfg.num_params(), "size_on_disk_bytes": size,
+            "parameters": cfg.num_params(), **extra, "size_on_disk_bytes": size,
             "size_on_disk": f"{size / 2**20:.1f} MiB"}

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
@@ -204,6 +205,12 @@ def read_adapter_config(folder: str | Path) -> tuple[LoRAConfig, dict[str, Any]]
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path} is incomplete or invalid ({e!r}); the adapter is corrupt") from e
     return config, meta
+
+
+def safetensors_numel(path: Path) -> int:
+    """Elements in a safetensors file, from its header (no tensor is read)."""
+    with safe_open(str(path), framework="pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
 def load_adapter_weights(model: nn.Module, folder: str | Path) -> None:
