@@ -95,10 +95,14 @@ class PackedLinear(nn.Module):
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: (q (N, K) int8, scales (N,) float32) with weight ~= q * scales[:, None]."""
-    w = weight.detach().float()
-    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # an all-zero row gets a harmless tiny scale
-    # contiguous: weights loaded from HF folders are transposed views, and the kernel needs rows.
-    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+    weight = weight.detach()
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)  # rows contiguous, as the kernel needs
+    scales = torch.empty(weight.size(0), dtype=torch.float32, device=weight.device)
+    for i in range(0, weight.size(0), 512):  # in blocks of rows: float temporaries stay small
+        w = weight[i:i + 512].float()
+        s = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # an all-zero row gets a harmless tiny scale
+        q[i:i + 512] = torch.round(w / s[:, None]).clamp(-127, 127)
+        scales[i:i + 512] = s
     return q, scales
 
 
