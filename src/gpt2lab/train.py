@@ -609,7 +609,7 @@ def fit(
             f.write(json.dumps(record, default=str) + "\n")
 
     runlog = _RunLog(run_dir, enabled=world.is_main, tensorboard=cfg.tensorboard,
-                     start=progress.step, total=cfg.max_steps)
+                     start=progress.step, total=progress.horizon or cfg.max_steps)
     if ckpt is not None:
         runlog.info(f"resuming {run_dir} from {ckpt.name}")
 
@@ -671,7 +671,9 @@ def fit(
                 elif shared[2].item() > 0:
                     stopping = "max_minutes"
                 if cfg.max_minutes and not cfg.decay_steps and not progress.horizon:
-                    progress.horizon = _time_horizon(cfg, progress, window, device)
+                    progress.horizon = _time_horizon(cfg, progress, device)
+                    if progress.horizon:
+                        runlog.bar.total = progress.horizon  # the steps the time budget is expected to reach
 
                 row: dict[str, Any] = {}
                 last_step = step >= cfg.max_steps or stopping is not None
@@ -760,7 +762,7 @@ class _Window:
         return sum(self.losses) / len(self.losses) if self.losses else float("nan")
 
 
-def _time_horizon(cfg: TrainConfig, progress: _Progress, window: _Window, device: torch.device) -> int:
+def _time_horizon(cfg: TrainConfig, progress: _Progress, device: torch.device) -> int:
     """With max_minutes, fix where the cosine ends once warmup shows how fast steps are (0: not yet).
 
     The estimate is agreed by all ranks and saved in checkpoints, so a resume follows the same schedule.
