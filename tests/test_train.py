@@ -274,16 +274,25 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert all(math.isfinite(v) for v in load_model(run_dir).state_dict()["transformer.wte.weight"].flatten())
 
 
-def test_max_minutes_stops_with_a_checkpoint_and_fixes_the_schedule(tmp_path):
-    # A tiny time budget: the run stops on time, saves, and has fixed the cosine's end from its speed.
-    cfg = config(max_steps=10_000, max_minutes=0.02, warmup_steps=2, ckpt_interval=10_000, log_interval=50)
+def test_max_minutes_stops_with_a_checkpoint_and_the_cosine_follows_the_clock(tmp_path):
+    # A tiny time budget: the run stops on time and saves, its learning rate having decayed with the clock.
+    cfg = config(max_steps=10_000, max_minutes=0.02, warmup_steps=2, ckpt_interval=10_000, log_interval=1)
     _, result = run(tmp_path, "run", cfg)
     assert result.stop_reason == "max_minutes"
-    assert 10 < result.step < 10_000
+    assert 3 < result.step < 10_000
     assert latest_checkpoint(tmp_path / "run").name == f"step-{result.step:08d}"
-    state = torch.load(latest_checkpoint(tmp_path / "run") / "train_state.pt", weights_only=True)
-    assert 10 < state["progress"]["horizon"] < 10_000
-    assert metrics(tmp_path / "run")[-1]["step"] == result.step
+    rows = [r for r in metrics(tmp_path / "run") if "lr" in r]
+    lrs = [r["lr"] for r in rows[2:]]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+    assert lrs[-1] < cfg.min_lr + 0.2 * (cfg.lr - cfg.min_lr)  # near the end of the cosine when time ran out
+    assert rows[-1]["step"] == result.step
+
+
+def test_learning_rate_follows_the_share_of_a_time_budget():
+    kw = dict(lr=1.0, min_lr=0.1, warmup=10, horizon=10**9)
+    assert learning_rate(5, spent=0.9, **kw) == pytest.approx(0.6)  # warmup first
+    assert learning_rate(50, spent=0.5, **kw) == pytest.approx(0.55)
+    assert learning_rate(50, spent=1.0, **kw) == pytest.approx(0.1)
 
 
 def test_early_stopping_keeps_and_marks_the_best_checkpoint(tmp_path):

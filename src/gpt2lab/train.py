@@ -101,7 +101,7 @@ class TrainConfig:
     warmup_steps: int = 100
     """Steps of linear warmup from 0 to lr."""
     decay_steps: int = 0
-    """Step at which the cosine reaches min_lr (0: max_steps, or with max_minutes the steps that fit in it)."""
+    """Step at which the cosine reaches min_lr (0: max_steps; with max_minutes, the end of the time budget)."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.95
@@ -197,14 +197,20 @@ def lm_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def learning_rate(step: int, *, lr: float, min_lr: float, warmup: int, horizon: int) -> float:
-    """Linear warmup to `lr` over `warmup` steps, then a cosine down to `min_lr` at `horizon`."""
+def learning_rate(step: int, *, lr: float, min_lr: float, warmup: int, horizon: int,
+                  spent: float | None = None) -> float:
+    """Linear warmup to `lr` over `warmup` steps, then a cosine down to `min_lr`.
+
+    The cosine follows the steps and reaches min_lr at step `horizon`; or, under a time budget,
+    follows `spent`, the share of the budget used so far (0 to 1), so that it ends when the time
+    does, however fast or unevenly the steps go.
+    """
     if step < warmup:
         return lr * (step + 1) / warmup
-    if step >= horizon:
+    done = spent if spent is not None else (step - warmup) / max(1, horizon - warmup)
+    if done >= 1:
         return min_lr
-    progress = (step - warmup) / max(1, horizon - warmup)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * done)) * (lr - min_lr)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -327,7 +333,6 @@ class _Progress:
     step: int = 0
     tokens: int = 0  # training tokens seen, over all ranks
     elapsed: float = 0.0  # wall-clock seconds of training so far, over all resumes
-    horizon: int = 0  # the cosine's end step once fixed (max_minutes runs fix it after warmup)
     best_val: float = math.inf
     best_step: int = -1
     bad_evals: int = 0  # evaluations in a row without a better validation loss
@@ -578,7 +583,8 @@ def fit(
     if ckpt is not None:
         saved = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
         _check_resumable(saved["config"], cfg, ckpt)
-        progress = _Progress(**saved["progress"])
+        known = {f.name for f in dataclasses.fields(_Progress)}
+        progress = _Progress(**{k: v for k, v in saved["progress"].items() if k in known})
         # Weights go into the plain model before any wrapper, so every rank starts identical.
         strategy.load(model, ckpt)
     wrapped = distributed.wrap(model, fsdp=cfg.fsdp, device=device)
@@ -609,7 +615,7 @@ def fit(
             f.write(json.dumps(record, default=str) + "\n")
 
     runlog = _RunLog(run_dir, enabled=world.is_main, tensorboard=cfg.tensorboard,
-                     start=progress.step, total=progress.horizon or cfg.max_steps)
+                     start=progress.step, total=cfg.max_steps)
     if ckpt is not None:
         runlog.info(f"resuming {run_dir} from {ckpt.name}")
 
@@ -626,6 +632,7 @@ def fit(
 
     result = FitResult(step=progress.step, stop_reason="max_steps", checkpoint=ckpt)
     start = time.perf_counter() - progress.elapsed
+    budget = cfg.max_minutes * 60 if cfg.max_minutes and not cfg.decay_steps else 0.0  # a cosine over time
     window = _Window()
     try:
         with _StopRequest().installed() as stop:
@@ -636,8 +643,9 @@ def fit(
             window.restart()
             while progress.step < cfg.max_steps:
                 step = progress.step
-                horizon = cfg.decay_steps or progress.horizon or cfg.max_steps
-                lr = learning_rate(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup_steps, horizon=horizon)
+                spent = min(1.0, progress.elapsed / budget) if budget else None
+                lr = learning_rate(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup_steps,
+                                   horizon=cfg.decay_steps or cfg.max_steps, spent=spent)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 loss_sum, tokens, seq_len = _accumulate_gradients(
@@ -645,11 +653,12 @@ def fit(
                     loss_fn=strategy.loss)
                 norm = nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or math.inf)
                 norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-                time_up = cfg.max_minutes > 0 and time.perf_counter() - start >= cfg.max_minutes * 60
-                # One all-reduce a step: the global loss, and whether any rank must stop.
-                shared = distributed.all_reduce_sum(torch.stack([
-                    loss_sum.float(), torch.tensor(float(stop.requested), device=device),
-                    torch.tensor(float(time_up), device=device)]))
+                now = time.perf_counter() - start
+                time_up = cfg.max_minutes > 0 and now >= cfg.max_minutes * 60
+                # One all-reduce a step: the global loss, whether any rank must stop, and the time, which
+                # ranks must agree on when it sets the learning rate.
+                flags = torch.tensor([float(stop.requested), float(time_up), now], device=device)
+                shared = distributed.all_reduce_sum(torch.cat([loss_sum.float().reshape(1), flags]))
                 train_loss, grad_norm = shared[0].item() / world.size, norm.item()
                 if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
                     last = latest_checkpoint(run_dir)
@@ -662,7 +671,7 @@ def fit(
                 optimizer.zero_grad(set_to_none=True)
                 progress.step = step = step + 1
                 progress.tokens += tokens * world.size
-                progress.elapsed = time.perf_counter() - start
+                progress.elapsed = shared[3].item() / world.size
                 window.add(train_loss, tokens * world.size)
                 runlog.bar.update(1)
                 stopping = None
@@ -670,10 +679,6 @@ def fit(
                     stopping = "interrupted"
                 elif shared[2].item() > 0:
                     stopping = "max_minutes"
-                if cfg.max_minutes and not cfg.decay_steps and not progress.horizon:
-                    progress.horizon = _time_horizon(cfg, progress, device)
-                    if progress.horizon:
-                        runlog.bar.total = progress.horizon  # the steps the time budget is expected to reach
 
                 row: dict[str, Any] = {}
                 last_step = step >= cfg.max_steps or stopping is not None
@@ -685,6 +690,8 @@ def fit(
                            "mfu": tok_s * flops_per_token(model.config, seq_len) / (peak * world.size),
                            "tokens": progress.tokens}
                     window.restart()
+                    if budget and progress.elapsed > 0:  # the bar counts towards where the time will run out
+                        runlog.bar.total = max(step, round(step * budget / progress.elapsed))
                 improved = False
                 if val is not None and ((cfg.eval_interval and step % cfg.eval_interval == 0) or last_step):
                     result.val_loss, result.val_bpb = evaluate()
@@ -760,20 +767,6 @@ class _Window:
 
     def mean_loss(self) -> float:
         return sum(self.losses) / len(self.losses) if self.losses else float("nan")
-
-
-def _time_horizon(cfg: TrainConfig, progress: _Progress, device: torch.device) -> int:
-    """With max_minutes, fix where the cosine ends once warmup shows how fast steps are (0: not yet).
-
-    The estimate is agreed by all ranks and saved in checkpoints, so a resume follows the same schedule.
-    """
-    if progress.step < max(cfg.warmup_steps, 10):
-        return 0
-    per_step = progress.elapsed / progress.step
-    remaining = cfg.max_minutes * 60 - progress.elapsed
-    estimate = torch.tensor(float(progress.step + 0.97 * remaining / per_step), device=device)
-    estimate = distributed.all_reduce_sum(estimate) / distributed.world().size
-    return max(progress.step + 1, min(cfg.max_steps, int(estimate.item())))
 
 
 @torch.no_grad()
