@@ -22,6 +22,7 @@ tokens' log-probabilities, plus whether greedy decoding would have produced it.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -308,7 +309,9 @@ def bigbench_path(spec: str) -> Path:
                               f"name one, e.g. bigbench:{name}/{subtasks[0]}")
     if not name or not path.is_file():
         known = sorted(f.parent.name for f in files)
-        close = [k for k in known if name.split("/")[0] in k][:5]
+        head = name.split("/")[0]
+        close = [k for k in known if head and head in k] + difflib.get_close_matches(head, known)
+        close = list(dict.fromkeys(close))[:5]
         hint = f"did you mean {', '.join(close)}?" if close else f"{len(known)} tasks are under {tasks_dir}"
         raise TaskFormatError(f"BIG-bench has no JSON task {name!r} ({hint}); programmatic tasks are not supported")
     return path
