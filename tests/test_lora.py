@@ -220,3 +220,17 @@ def test_lora_state_dict_holds_only_the_adapter():
     sd = lora_state_dict(model)
     assert sd and all(k.endswith(("lora_A", "lora_B")) for k in sd)
     assert len(sd) == 2 * 2 * ODD_CONFIGS[0]["n_layer"]  # attention's and the MLP's c_proj, A and B
+
+
+def test_lora_trains_under_bf16_autocast():
+    model = tiny()
+    apply_lora(model, LoRAConfig(rank=2, dropout=0.1))
+    randomize_adapter(model)
+    model.train()
+    x = ids(ODD_CONFIGS[0], T=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+    assert logits.dtype == torch.bfloat16
+    logits.float().logsumexp(-1).mean().backward()
+    grads = [p.grad for n, p in model.named_parameters() if n.endswith(("lora_A", "lora_B"))]
+    assert all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)

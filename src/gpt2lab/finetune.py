@@ -71,8 +71,8 @@ class FinetuneConfig(TrainConfig):
     """LoRA rank r."""
     lora_alpha: float = 16.0
     """LoRA scale numerator: updates are scaled by alpha / rank."""
-    lora_dropout: float = 0.05
-    """Dropout on the LoRA adapters' input."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA adapters' input (it keeps a dropped copy of each adapted layer's input: memory)."""
     lora_targets: tuple[str, ...] = ("c_attn", "c_proj", "c_fc")
     """Layers LoRA adapts: c_attn, c_fc, c_proj (attention's and the MLP's), attn.c_proj, mlp.c_proj."""
     dropout: float = 0.0

@@ -92,11 +92,17 @@ class LoRALinear(nn.Linear):
         self.lora_A = nn.Parameter(torch.empty(config.rank, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.rank, **kw))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init, as in the paper's code
-        self.lora_dropout = nn.Dropout(config.dropout)
+        # nn.Dropout copies its input even at p=0, and that copy is what A's gradient keeps: one
+        # more activation per adapted layer. Without dropout A sees the very tensor the base saves.
+        self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)  # (..., out)
-        return F.linear(x, self.weight, self.bias) + self.scale * update
+        out = F.linear(x, self.weight, self.bias)  # (..., out)
+        low = F.linear(self.lora_dropout(x), self.lora_A)  # (..., rank)
+        # Added in place: no (..., out) temporary for the update, and no backward needs `out` itself.
+        flat = out.view(-1, self.out_features)
+        B = self.lora_B.to(low.dtype)  # under autocast, F.linear gave bf16; in-place ops are not autocast
+        return flat.addmm_(low.view(-1, low.shape[-1]), B.t(), alpha=self.scale).view(out.shape)
 
     def delta(self) -> torch.Tensor:
         """The update to the weight, (out, in): scale · B·A."""
