@@ -336,7 +336,7 @@ KILLED_RUN = textwrap.dedent("""
     from gpt2lab.checkpoint import write_model_files
     from gpt2lab.train import Strategy, fit
 
-    torch.set_num_threads(1)
+    torch.set_num_threads({threads})  # the parent's: sums split across threads round differently
     def save_then_die(model, folder, tokenizer):
         write_model_files(model, folder, tokenizer)
         if "step-00000006" in str(folder):  # killed halfway through writing checkpoint 6
@@ -349,7 +349,7 @@ KILLED_RUN = textwrap.dedent("""
 @pytest.mark.slow
 def test_kill_9_loses_only_the_steps_since_the_last_checkpoint(tmp_path):
     run_dir = tmp_path / "killed"
-    script = KILLED_RUN.format(tests=str(Path(__file__).parent), run=str(run_dir))
+    script = KILLED_RUN.format(tests=str(Path(__file__).parent), run=str(run_dir), threads=torch.get_num_threads())
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert latest_checkpoint(run_dir).name == "step-00000004"  # the half-written step 6 does not count
@@ -363,7 +363,7 @@ def test_kill_9_loses_only_the_steps_since_the_last_checkpoint(tmp_path):
 # -- distributed -----------------------------------------------------------------------------
 
 
-def _ddp_worker(rank: int, world_size: int, port: int, run_dir: str, fsdp: bool) -> None:
+def _ddp_worker(rank: int, world_size: int, port: int, run_dir: str, fsdp: bool, runs=((6, False),)) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
@@ -371,8 +371,10 @@ def _ddp_worker(rank: int, world_size: int, port: int, run_dir: str, fsdp: bool)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        fit(tiny_model(), config(max_steps=6, micro_batch=2, fsdp=fsdp), Corpus(batch_size=2),
-            val=Corpus(batch_size=2), run_dir=run_dir)
+        for max_steps, resume in runs:
+            cfg = config(max_steps=max_steps, decay_steps=6, micro_batch=2, fsdp=fsdp)
+            fit(tiny_model(seed=99 if resume else 0), cfg, Corpus(batch_size=2), val=Corpus(batch_size=2),
+                run_dir=run_dir, resume=resume)
     finally:
         dist.destroy_process_group()
 
@@ -390,7 +392,7 @@ def _free_port() -> int:
 def test_two_processes_match_one_process_with_accumulation(tmp_path, fsdp):
     import torch.multiprocessing as mp
 
-    single, _ = run(tmp_path, "single", config(max_steps=6, micro_batch=2))  # 1 process x 2 micro-batches
+    single, _ = run(tmp_path, "single", config(max_steps=6, decay_steps=6, micro_batch=2))  # 1 process x 2 micro
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), fsdp), nprocs=2, join=True)
     one, two = train_losses(tmp_path / "single"), train_losses(tmp_path / "ddp")
     assert one.keys() == two.keys()
@@ -485,3 +487,15 @@ def test_a_fresh_start_sets_aside_the_log_of_an_attempt_that_never_saved(tmp_pat
     run(tmp_path, "run", config(max_steps=4))
     assert [r["step"] for r in metrics(tmp_path / "run")] == [0, 1, 2, 3, 4]
     assert len(list((tmp_path / "run").glob("metrics-*.jsonl"))) == 1
+
+
+@pytest.mark.slow
+def test_fsdp_resume_continues_exactly(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "straight"), True), nprocs=2, join=True)
+    # 3 steps, then a resume to 6 (from a model of another seed: the checkpoint must replace it).
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "resumed"), True, ((3, False), (6, True))),
+             nprocs=2, join=True)
+    assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "straight")
+    assert_same_weights(load_model(tmp_path / "resumed"), load_model(tmp_path / "straight"))

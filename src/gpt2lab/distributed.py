@@ -115,6 +115,12 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def barrier() -> None:
+    """Wait for every rank (e.g. until rank 0 has written a checkpoint the others may read next)."""
+    if world().distributed:
+        dist.barrier()
+
+
 def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 

@@ -830,20 +830,28 @@ def _save_checkpoint(run_dir: Path, step: int, model: GPT, optimizer: torch.opti
                 to_save = GPT(model.config)
             to_save.load_state_dict(full, assign=True)
             to_save.tie_weights()
-    if not world.is_main:
-        return None
+    path = None
+    if world.is_main:
+        path = _write_checkpoint(run_dir, step, to_save, optim_state, strategy, tokenizer, cfg, progress)
+    distributed.barrier()  # no rank goes on (to a resume, say) before the checkpoint is complete
+    return path
+
+
+def _write_checkpoint(run_dir: Path, step: int, model: nn.Module, optim_state: dict[str, Any], strategy: Strategy,
+                      tokenizer: Any, cfg: TrainConfig, progress: _Progress) -> Path:
+    """The checkpoint folder itself: model files (through the strategy), extra files, train_state.pt."""
     path = run_dir / "checkpoints" / f"step-{step:08d}"
     state = {
         "format": "gpt2lab-train", "version": 1,
         "progress": dataclasses.asdict(progress),
         "data": {"step": step, "seed": cfg.seed},  # the loader's position: batches are a function of both
-        "world_size": world.size,
+        "world_size": distributed.world().size,
         "config": dataclasses.asdict(cfg),
         "optimizer": optim_state,
         "rng": _rng_state(),
     }
     with atomic_dir(path) as tmp:
-        strategy.save(to_save, tmp, tokenizer)
+        strategy.save(model, tmp, tokenizer)
         for name, text in strategy.extra_files.items():
             (tmp / name).write_text(text)
         torch.save(state, tmp / STATE_FILE)
