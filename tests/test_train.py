@@ -387,110 +387,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
-def test_two_processes_match_one_process_with_accumulation(tmp_path, fsdp):
-    import torch.multiprocessing as mp
-
+def _check_matches_one_process(tmp_path, run_dir: Path) -> None:
     single, _ = run(tmp_path, "single", config(max_steps=6, decay_steps=6, micro_batch=2))  # 1 process x 2 micro
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), fsdp), nprocs=2, join=True)
-    one, two = train_losses(tmp_path / "single"), train_losses(tmp_path / "ddp")
+    one, two = train_losses(tmp_path / "single"), train_losses(run_dir)
     assert one.keys() == two.keys()
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6)
-    # Rank 0 alone wrote the run: one provenance line, and a checkpoint that loads as a plain model.
-    assert len((tmp_path / "ddp/provenance.jsonl").read_text().splitlines()) == 1
-    loaded = load_model(tmp_path / "ddp")
+    # Rank 0 alone wrote the run: one provenance line per start, and a checkpoint that loads as a plain model.
+    assert json.loads((run_dir / "provenance.jsonl").read_text().splitlines()[0])["device"]["world_size"] == 2
+    loaded = load_model(run_dir)
     for k, v in single.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v, rtol=1e-4, atol=1e-5)
 
 
-# -- the command ------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_ddp_processes_match_one_process_with_accumulation(tmp_path):
+    import torch.multiprocessing as mp
 
-
-@pytest.fixture
-def prepared(tmp_path):
-    """A prepared data folder: 6 short documents, a 300-id BPE learned from them, a third held out."""
-    from gpt2lab.data import prepare
-    from gpt2lab.tokenizer import train_tokenizer
-
-    rng = np.random.default_rng(0)
-    words = "thou art the king and i am thy servant my lord what say you to this good night".split()
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(6):
-        (corpus / f"doc{i}.txt").write_text(" ".join(rng.choice(words, size=1500)) + "\n")
-    train_tokenizer([str(p) for p in sorted(corpus.iterdir())], vocab_size=300, out=str(tmp_path / "tok"))
-    prepare(str(corpus), out=tmp_path / "data", tokenizer=str(tmp_path / "tok"), val_fraction=0.34, progress=False)
-    return tmp_path / "data"
-
-
-def test_gpt2lab_train_runs_resumes_and_refuses_to_overwrite(tmp_path, prepared, capsys):
-    from gpt2lab.cli import main
-
-    args = ["train", "--data", str(prepared), "--out", str(tmp_path / "run"), "--model", "gpt2-nano",
-            "--batch-size", "4", "--block-size", "32", "--eval-interval", "2", "--eval-batches", "2",
-            "--ckpt-interval", "2", "--log-interval", "1", "--device", "cpu"]
-    assert main([*args, "--max-steps", "4"]) == 0
-    out = capsys.readouterr().out
-    assert "stopped at step 4" in out and "bits/byte" in out
-    assert main([*args, "--max-steps", "4"]) == 2  # the run exists: a one-line error, nothing touched
-    assert "--resume" in capsys.readouterr().err
-    assert main([*args, "--max-steps", "6", "--resume"]) == 0
-    assert latest_checkpoint(tmp_path / "run").name == "step-00000006"
-    model = load_model(tmp_path / "run")
-    assert model.config.vocab_size == 300 and model.config.n_layer == 3
-    rows = metrics(tmp_path / "run")
-    assert [r["step"] for r in rows if "train_loss" in r] == [1, 2, 3, 4, 5, 6]
-    assert all(r["val_bpb"] > 0 for r in rows if "val_loss" in r)
-
-
-def test_cli_builds_train_config_from_options():
-    from gpt2lab.cli import _grouped, build_parser
-
-    parser = build_parser(["train"])
-    args = vars(parser.parse_args(["train", "--data", "d", "--out", "o", "--lr", "0.01", "--compile",
-                                   "--precision", "bf16", "--max-steps", "7"]))
-    args.pop("_func")
-    args = _grouped(args)
-    assert args["config"] == TrainConfig(lr=0.01, compile=True, precision="bf16", max_steps=7)
-    assert args["data"] == "d" and args["resume"] is False
-    with pytest.raises(SystemExit):  # --data and --out are required
-        parser.parse_args(["train", "--out", "o"])
-
-
-def test_bf16_autocast_on_cpu_trains_and_is_recorded(tmp_path):
-    _, result = run(tmp_path, "run", config(max_steps=4, precision="bf16"))
-    assert math.isfinite(result.train_loss) and math.isfinite(result.val_loss)
-    prov = json.loads((tmp_path / "run/provenance.jsonl").read_text())
-    assert prov["precision"] == "bf16 autocast"
-    assert load_model(tmp_path / "run").transformer.wte.weight.dtype == torch.float32  # weights stay fp32
-
-
-def test_tensorboard_is_written_when_asked_and_installed(tmp_path):
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        with pytest.raises(TrainingError, match="pip install tensorboard"):
-            run(tmp_path, "run", config(max_steps=2, tensorboard=True))
-        return
-    run(tmp_path, "run", config(max_steps=2, tensorboard=True))
-    assert any((tmp_path / "run/tensorboard").glob("events.out.tfevents.*"))
-
-
-def test_a_fresh_start_sets_aside_the_log_of_an_attempt_that_never_saved(tmp_path):
-    def diverge(logits, batch):
-        return lm_loss(logits, batch) * math.nan
-
-    with pytest.raises(TrainingError, match="step 1"):
-        run(tmp_path, "run", config(max_steps=4), strategy=Strategy(loss=diverge))
-    run(tmp_path, "run", config(max_steps=4))
-    assert [r["step"] for r in metrics(tmp_path / "run")] == [0, 1, 2, 3, 4]
-    assert len(list((tmp_path / "run").glob("metrics-*.jsonl"))) == 1
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), False), nprocs=2, join=True)
+    assert len((tmp_path / "ddp/provenance.jsonl").read_text().splitlines()) == 1
+    _check_matches_one_process(tmp_path, tmp_path / "ddp")
 
 
 @pytest.mark.slow
-def test_fsdp_resume_continues_exactly(tmp_path):
+def test_two_fsdp2_processes_match_one_process_and_resume_exactly(tmp_path):
     import torch.multiprocessing as mp
 
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "straight"), True), nprocs=2, join=True)
@@ -499,3 +419,4 @@ def test_fsdp_resume_continues_exactly(tmp_path):
              nprocs=2, join=True)
     assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "straight")
     assert_same_weights(load_model(tmp_path / "resumed"), load_model(tmp_path / "straight"))
+    _check_matches_one_process(tmp_path, tmp_path / "straight")
