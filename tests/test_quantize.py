@@ -33,13 +33,28 @@ def test_int8_linear_multiplies_by_the_dequantized_weight():
     torch.testing.assert_close(got, want, atol=0.03, rtol=0.02)  # bf16 activations
 
 
-def test_packed_bf16_linear_equals_plain_bf16_linear():
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 0.02)])
+def test_packed_linear_equals_plain_linear(dtype, tol):
     torch.manual_seed(0)
-    linear = torch.nn.Linear(48, 40)
+    linear = torch.nn.Linear(48, 40).to(dtype)
     packed = PackedLinear(linear)
-    x = torch.randn(3, 7, 48).bfloat16()
-    want = F.linear(x, linear.weight.detach().bfloat16(), linear.bias.detach().bfloat16())
-    torch.testing.assert_close(packed(x), want, atol=0.02, rtol=0.02)
+    x = torch.randn(3, 7, 48).to(dtype)
+    torch.testing.assert_close(packed(x), F.linear(x, linear.weight, linear.bias), atol=tol, rtol=tol)
+    torch.testing.assert_close(packed(x[0, :1]), F.linear(x[0, :1], linear.weight, linear.bias), atol=tol, rtol=tol)
+
+
+def test_packed_fp32_model_equals_the_plain_model():
+    torch.manual_seed(0)
+    ref = GPT(preset("gpt2-nano", vocab_size=97)).eval()
+    packed = GPT(ref.config)
+    packed.load_state_dict(ref.state_dict())
+    prepare(packed, "fp32")
+    assert isinstance(packed.lm_head, PackedLinear)
+    idx = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(idx), ref(idx), atol=1e-5, rtol=1e-5)
+    plain = prepare(GPT(ref.config), "fp32", pack=False)
+    assert isinstance(plain.lm_head, torch.nn.Linear)
 
 
 @pytest.mark.parametrize("mode", ["bf16", "int8"])
@@ -92,3 +107,10 @@ def test_modes_work_on_weights_loaded_from_a_transformers_folder(mode, tmp_path)
         got = prepare(load_model(tmp_path), mode)(idx)
         want = prepare(fresh, mode)(idx)
     assert torch.equal(got, want)
+
+
+def test_a_packed_model_cannot_be_compiled_but_an_unpacked_one_can_be_set_up():
+    model = prepare(GPT(preset("gpt2-nano", vocab_size=97)), "bf16")
+    with pytest.raises(GenerationError, match="pack=False"):
+        Generator(model, eot_id=96, compile=True)
+    Generator(prepare(GPT(preset("gpt2-nano", vocab_size=97)), "bf16", pack=False), eot_id=96, compile=True)

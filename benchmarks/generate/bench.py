@@ -106,7 +106,7 @@ def run_one(impl: str, mode: str, batch: int, folder: Path, reps: int, compile_:
         from gpt2lab.generate import Generator
         from gpt2lab.quantize import prepare
 
-        model = prepare(load_model(folder), mode)
+        model = prepare(load_model(folder), mode, pack=not compile_)
         weight_bytes = decode_weight_bytes(model)
         generator = Generator(model, compile=compile_)
         rows = ids.tolist()
@@ -132,6 +132,7 @@ def run_one(impl: str, mode: str, batch: int, folder: Path, reps: int, compile_:
 def decode_weight_bytes(model) -> int:
     """Bytes of weights one decode step reads: every matmul's weight (the tied head in full), biases,
     LayerNorms, int8 scales. Embedding lookups read one row per token and are left out."""
+    import torch
     import torch.nn as nn
 
     from gpt2lab.quantize import Int8Linear, PackedLinear
@@ -139,7 +140,7 @@ def decode_weight_bytes(model) -> int:
     total = 0
     for m in model.modules():
         if isinstance(m, PackedLinear):
-            total += m.in_features * m.out_features * 2
+            total += m.in_features * m.out_features * torch.empty((), dtype=m.weight.dtype).element_size()
         elif isinstance(m, Int8Linear):
             total += m.weight.numel() + m.scales.numel() * m.scales.element_size()
         elif isinstance(m, nn.Linear):
@@ -265,11 +266,17 @@ def main() -> None:
         if args.compile is not None:
             configs += [("ours", m, 1, 1) for m in (args.compile or ["fp32"])]
         best: dict[tuple, dict] = {}
+        failed: dict[tuple, str] = {}
         bw = child(["--child", "bandwidth", *common])
         for r in range(args.rounds):
             for impl, mode, batch, comp in configs:
-                res = child(["--child", "run", impl, mode, str(batch), str(folder), str(comp), *common])
                 key = (impl, mode, batch, comp)
+                try:
+                    res = child(["--child", "run", impl, mode, str(batch), str(folder), str(comp), *common])
+                except RuntimeError as e:  # e.g. a mode that torch.compile cannot handle: report it, go on
+                    failed[key] = str(e).splitlines()[-1]
+                    print(f"round {r}: {key} failed: {failed[key]}", file=sys.stderr)
+                    continue
                 if key not in best or res["tokens_per_s"] > best[key]["tokens_per_s"]:
                     best[key] = {**res, "ttft_ms": min(res["ttft_ms"], best.get(key, res)["ttft_ms"])}
                 print(f"round {r}: {impl:4} {mode} compile={comp} batch {batch}: {res['tokens_per_s']:.1f} tok/s",
@@ -297,7 +304,8 @@ def main() -> None:
             "greedy_tokens_equal_hf": same, "token_agreement_hf": round(agree, 3), "token_agreement_eager": eager,
             "warmup_s": round(res["warmup_s"], 1),
         })
-    report = {"threads": args.threads, "bandwidth": bw, "runs": rows, "quality": qual}
+    report = {"threads": args.threads, "bandwidth": bw, "runs": rows, "quality": qual,
+              "failed": {" ".join(map(str, k)): v for k, v in failed.items() if k not in best}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(render(report))
@@ -318,6 +326,7 @@ def render(report: dict) -> str:
     lines = []
     if "runs" in report:
         lines += speed_table(report)
+        lines += [f"failed: {k}: {v}" for k, v in report["failed"].items()]
     q = report["quality"]
     lines += ["", f"Quality on {q['held_out']}:", "",
               "| mode | perplexity | change vs fp32 | KL(fp32 || mode) nats | argmax agreement |",

@@ -34,7 +34,7 @@ import torch
 
 from .errors import GenerationError
 from .model import GPT
-from .quantize import Mode
+from .quantize import Mode, PackedLinear
 
 Finish = Literal["length", "eot", "stop", "context"]
 # When a row slides past the context window it keeps this fraction of the window and re-reads it.
@@ -320,6 +320,9 @@ class Generator:
         if self.eot_id is None and model.config.vocab_size == 50257:
             self.eot_id = 50256  # GPT-2's <|endoftext|>
         self.n_ctx = model.config.n_ctx
+        if compile and any(isinstance(m, PackedLinear) for m in model.modules()):
+            raise GenerationError("torch.compile cannot trace oneDNN-packed weights: prepare the model with "
+                                  "quantize.prepare(model, mode, pack=False) to compile it")
         self._cache: list[Any] = []  # the blocks' KVCache objects, attached to the model while generating
         self._hidden: Callable[..., torch.Tensor] = (
             torch.compile(model.hidden, dynamic=True) if compile else model.hidden
@@ -332,7 +335,8 @@ class Generator:
         from .quantize import prepare
 
         tokenizer = load_tokenizer(path)
-        model = prepare(load_model(path, tokenizer=tokenizer), mode)  # raises if they do not belong together
+        # load_model raises if the tokenizer is not the model's; inductor cannot trace packed weights.
+        model = prepare(load_model(path, tokenizer=tokenizer), mode, pack=not compile)
         return cls(model, tokenizer, compile=compile)
 
     # -- public API --
