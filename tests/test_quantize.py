@@ -37,7 +37,7 @@ def test_int8_linear_multiplies_by_the_dequantized_weight():
 def test_packed_linear_equals_plain_linear(dtype, tol):
     torch.manual_seed(0)
     linear = torch.nn.Linear(48, 40).to(dtype)
-    packed = PackedLinear(linear)
+    packed = PackedLinear(linear.weight, linear.bias)
     x = torch.randn(3, 7, 48).to(dtype)
     torch.testing.assert_close(packed(x), F.linear(x, linear.weight, linear.bias), atol=tol, rtol=tol)
     torch.testing.assert_close(packed(x[0, :1]), F.linear(x[0, :1], linear.weight, linear.bias), atol=tol, rtol=tol)
@@ -50,6 +50,8 @@ def test_packed_fp32_model_equals_the_plain_model():
     packed.load_state_dict(ref.state_dict())
     prepare(packed, "fp32")
     assert isinstance(packed.lm_head, PackedLinear)
+    # fp32 weights are used in place: the head is the embedding's storage, not a copy.
+    assert packed.lm_head.weight.data_ptr() == packed.transformer.wte.weight.data_ptr()
     idx = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(packed(idx), ref(idx), atol=1e-5, rtol=1e-5)

@@ -3,10 +3,10 @@
 Decoding one token reads every weight once, so on a CPU its speed is set by memory bandwidth:
 halving the bytes per weight roughly doubles tokens per second.
 
-    fp32  the model as trained. Linear layers run on oneDNN with prepacked weights, which
-          stream them about twice as fast as F.linear does for one row (M=1 GEMV).
-    bf16  weights and activations in bfloat16, Linear layers prepacked as for fp32 (plain
-          F.linear in bf16 is slower than fp32 for one row).
+    fp32  the model as trained. Linear layers are computed by oneDNN, which streams the weights
+          about twice as fast as F.linear does for one row (M=1 GEMV) on two threads.
+    bf16  weights and activations in bfloat16, Linear layers on oneDNN with weights prepacked
+          into its blocked layout (plain F.linear in bf16 is slower than fp32 for one row).
     int8  every Linear's weight (and the tied embedding / output head) as int8 with one bf16
           scale per output row (symmetric, round to nearest); activations in bfloat16. The
           matmul dequantizes on the fly (aten's _weight_int8pack_mm), so a weight costs 1 byte.
@@ -32,10 +32,11 @@ MODES: tuple[Mode, ...] = ("fp32", "bf16", "int8")
 def prepare(model: GPT, mode: Mode, *, pack: bool = True) -> GPT:
     """Convert a model (in place) for inference in `mode`; returns it in eval mode.
 
-    pack: run the fp32/bf16 Linear layers through oneDNN with prepacked weights (about 2x faster
-          than F.linear for decoding's single rows). The head gets a packed copy of the tied
-          embedding, which costs its size once more. torch.compile cannot trace the packed
-          weights, so a compiled model is prepared with pack=False and inductor picks its kernels.
+    pack: run the fp32/bf16 Linear layers through oneDNN (about 2x faster than F.linear for
+          decoding's single rows at 2 threads). fp32 weights are used where they are (the head
+          shares the embedding); bf16 weights are prepacked once, which is faster still, and the
+          head gets a packed copy of the embedding (its size once more). torch.compile cannot
+          trace these calls, so a compiled model is prepared with pack=False.
     """
     if mode not in MODES:
         raise GenerationError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -44,13 +45,8 @@ def prepare(model: GPT, mode: Mode, *, pack: bool = True) -> GPT:
         model.to(torch.float32 if mode == "fp32" else torch.bfloat16)
         if pack and _has_mkldnn_linear() and model.transformer.ln_f.weight.device.type == "cpu":
             for parent, name, linear in _linears(model):
-                setattr(parent, name, PackedLinear(linear))
-            model.lm_head = PackedLinear(model.lm_head)  # a packed copy; the embedding keeps the plain table
-            with torch.no_grad():
-                # Loaded fp32 tensors are views of the checkpoint file, and one left (the embeddings)
-                # would keep every page that packing read resident. Copies let the file go.
-                for param in model.parameters():
-                    param.data = param.data.clone()
+                setattr(parent, name, PackedLinear(linear.weight, linear.bias))
+            model.lm_head = PackedLinear(model.transformer.wte.weight, None)
         return model
     # int8: quantize from the original weights, then the rest (LayerNorms, biases, positions) to bf16.
     for parent, name, linear in _linears(model):
@@ -75,19 +71,22 @@ def _has_mkldnn_linear() -> bool:
 
 
 class PackedLinear(nn.Module):
-    """A Linear (fp32 or bf16, CPU) whose weight is prepacked once for oneDNN, as inductor does.
+    """A Linear on CPU computed by oneDNN (the kernel inductor uses), fp32 or bf16.
 
-    For one row at a time (decoding) this streams the weight about twice as fast as F.linear.
-    The result equals F.linear's up to the order of the additions.
+    fp32 weights are used as they are, sharing their storage; bf16 weights are prepacked once
+    into oneDNN's blocked layout (plain bf16 rows are slower). Equals F.linear up to the order
+    of the additions.
     """
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
-        weight = linear.weight.detach().contiguous()
+        weight = weight.detach().contiguous()  # a copy only for transposed views (HF checkpoints)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
-        # The batch-size hint picks the layout; 1 suits decoding and works for any batch.
-        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight, 1), persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        if weight.dtype == torch.bfloat16:
+            # The batch-size hint picks the layout; 1 suits decoding and works for any batch.
+            weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        self.register_buffer("weight", weight, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
