@@ -25,9 +25,9 @@ from .train import FitResult, TrainConfig, pretrain
 
 # What eight minutes on two cores buys best (README, "Choosing the demo's model").
 DEMO_CONFIG = TrainConfig(
-    model="gpt2-micro", block_size=256, batch_size=16, max_steps=100_000, max_minutes=8.0,
-    lr=4e-3, min_lr=4e-4, warmup_steps=50, eval_interval=100, eval_batches=8,
-    log_interval=10, ckpt_interval=250, keep_last=2,
+    model="gpt2-nano", block_size=128, batch_size=32, max_steps=100_000, max_minutes=8.0,
+    lr=8e-3, min_lr=8e-4, warmup_steps=50, eval_interval=200, eval_batches=8,
+    log_interval=20, ckpt_interval=500, keep_last=2,
 )
 DEMO_VOCAB = 4096
 PROMPTS = ("Romeo.\n", "Ham.\nTo be, or not to be", "KING.\nMy lords,")
