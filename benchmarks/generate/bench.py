@@ -197,7 +197,7 @@ def quality(folder: Path, trained: str | None, text: str | None) -> dict:
         with torch.inference_mode():
             logp = model(held_out).float().log_softmax(-1)[:, :-1]
         nll = -logp.gather(-1, targets).mean().item()
-        kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean().item()
+        kl = max(0.0, (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean().item())  # not -0.0 for fp32 itself
         agree = (logp.argmax(-1) == ref_logp.argmax(-1)).float().mean().item()
         out["modes"][mode] = {"perplexity": math.exp(nll), "kl_nats": kl, "argmax_agreement": agree}
     fp32 = out["modes"]["fp32"]["perplexity"]
