@@ -21,9 +21,9 @@ from gpt2lab.finetune import FinetuneConfig, best_checkpoint, finetune
 from gpt2lab.generate import Generator
 
 PROMPTS = ("And the LORD said unto", "KING.\nMy lords,", "In the beginning")
-SETTINGS = dict(block_size=256, batch_size=16, warmup_steps=20, eval_interval=25, eval_batches=8, log_interval=5,
+# block_size 0: the base's own context (256 for gpt2-micro, 128 for gpt2-nano).
+SETTINGS = dict(block_size=0, batch_size=16, warmup_steps=20, eval_interval=25, eval_batches=8, log_interval=5,
                 ckpt_interval=100, patience=4)
-LR = {"full": 3e-4, "lora": 3e-3}
 
 
 def main() -> None:
@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=3.0, help="training time per method")
     ap.add_argument("--out", default="runs/kjv")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lr-full", type=float, default=3e-4)
+    ap.add_argument("--lr-lora", type=float, default=3e-3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     runs = sorted(Path("runs/demo").glob("run-*"))
@@ -42,7 +44,8 @@ def main() -> None:
     data = datasets.prepare("kjv", out=out / "data", tokenizer=load_tokenizer(base))["out"]
     reports = {}
     for method in ("full", "lora"):
-        cfg = FinetuneConfig(method=method, lr=LR[method], max_minutes=args.minutes, max_steps=10_000, **SETTINGS)
+        lr = args.lr_full if method == "full" else args.lr_lora
+        cfg = FinetuneConfig(method=method, lr=lr, max_minutes=args.minutes, max_steps=10_000, **SETTINGS)
         print(f"\n=== {method} fine-tuning of {base} on the King James Bible ({args.minutes:g} min) ===")
         reports[method] = finetune(str(base), data=data, out=str(out / method), config=cfg)
         print(reports[method])
