@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import GPT2LabError
+from .errors import GPT2LabError, Stopped
 
 # subcommand (words separated by spaces for groups) -> "module:function" in gpt2lab.
 # Modules are imported only for the subcommand that runs, so `gpt2lab tokenizer ...` starts fast.
@@ -57,9 +57,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        result = func(**_grouped(args))
-    except (GPT2LabError, ValueError, FileNotFoundError) as e:
-        print(f"gpt2lab: error: {e}", file=sys.stderr)
+        result = func(**_grouped(args))  # building a config validates it: inside the try
+    except Stopped as e:  # a run that saved and stopped on a signal: its report, then 128 + the signal
+        print(e.report)
+        print(f"gpt2lab: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except GPT2LabError as e:
+        print(f"gpt2lab: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the machine's answer about a path the user gave: permissions, a full disk, ...
+        where = f": {e.filename}" if e.filename else ""
+        print(f"gpt2lab: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gpt2lab: interrupted", file=sys.stderr)
@@ -69,6 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     elif result is not None:
         print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line: what is wrong, and where the help is."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _selected(argv: list[str]) -> list[str] | None:
@@ -82,8 +101,8 @@ def _selected(argv: list[str]) -> list[str] | None:
 
 
 def build_parser(only: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpt2lab", description="Train, fine-tune, run, evaluate and serve GPT-2.")
-    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    parser = _Parser(prog="gpt2lab", description="Train, fine-tune, run, evaluate and serve GPT-2.")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
     groups: dict[str, Any] = {}
     for name, target in COMMANDS.items():
         if only is not None and name not in only:
@@ -94,7 +113,8 @@ def build_parser(only: list[str] | None = None) -> argparse.ArgumentParser:
         if group:
             if group[0] not in groups:
                 gp = subparsers.add_parser(group[0], help=f"{group[0]} commands")
-                groups[group[0]] = gp.add_subparsers(title=f"{group[0]} commands", metavar="COMMAND")
+                groups[group[0]] = gp.add_subparsers(title=f"{group[0]} commands", metavar="COMMAND",
+                                                     parser_class=_Parser)
             target = groups[group[0]]
         summary, params = _parse_doc(func)
         sub = target.add_parser(leaf, help=summary, description=summary)

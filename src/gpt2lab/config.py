@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import ConfigError
+
 
 @dataclass(frozen=True, kw_only=True)
 class GPTConfig:
@@ -30,13 +32,13 @@ class GPTConfig:
         for name in ("n_layer", "n_head", "n_embd", "n_ctx", "vocab_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+            raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.layer_norm_epsilon <= 0:
-            raise ValueError(f"layer_norm_epsilon must be positive, got {self.layer_norm_epsilon}")
+            raise ConfigError(f"layer_norm_epsilon must be positive, got {self.layer_norm_epsilon}")
 
     @property
     def head_dim(self) -> int:
@@ -50,24 +52,24 @@ class GPTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown GPTConfig field(s) {unknown}; known fields are {sorted(known)}")
+            raise ConfigError(f"unknown GPTConfig field(s) {unknown}; known fields are {sorted(known)}")
         return cls(**d)
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> GPTConfig:
         """Read a Hugging Face `GPT2Config` dict (config.json written by save_pretrained)."""
         if d.get("model_type", "gpt2") != "gpt2":
-            raise ValueError(f"model_type is {d.get('model_type')!r}, not 'gpt2'")
+            raise ConfigError(f"model_type is {d.get('model_type')!r}, not 'gpt2'")
         act = d.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"activation_function {act!r} is not GPT-2's tanh GELU")
+            raise ConfigError(f"activation_function {act!r} is not GPT-2's tanh GELU")
         if d.get("n_inner") not in (None, 4 * d["n_embd"]):
-            raise ValueError(f"n_inner={d['n_inner']} is not 4 * n_embd; gpt2lab supports GPT-2's MLP only")
+            raise ConfigError(f"n_inner={d['n_inner']} is not 4 * n_embd; gpt2lab supports GPT-2's MLP only")
         for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
             if d.get(flag):
-                raise ValueError(f"{flag}=True is not GPT-2 (it changes the attention numerics)")
+                raise ConfigError(f"{flag}=True is not GPT-2 (it changes the attention numerics)")
         if not d.get("scale_attn_weights", True):
-            raise ValueError("scale_attn_weights=False is not GPT-2")
+            raise ConfigError("scale_attn_weights=False is not GPT-2")
         return cls(
             n_layer=d["n_layer"], n_head=d["n_head"], n_embd=d["n_embd"],
             n_ctx=d.get("n_positions", d.get("n_ctx", 1024)), vocab_size=d["vocab_size"],
@@ -109,5 +111,5 @@ PRESETS: dict[str, GPTConfig] = {
 def preset(name: str, **overrides: Any) -> GPTConfig:
     """A named preset, with fields replaced by `overrides` (e.g. vocab_size, dropout)."""
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
     return dataclasses.replace(PRESETS[name], **overrides)

@@ -35,3 +35,20 @@ class GenerationError(GPT2LabError, ValueError):
 
 class TrainingError(GPT2LabError, RuntimeError):
     """A training run cannot start or continue: a run folder in the way, nothing to resume, divergence."""
+
+
+class ConfigError(GPT2LabError, ValueError):
+    """An option or configuration value is out of range or inconsistent with another."""
+
+
+class DeviceError(GPT2LabError, ValueError):
+    """A device name that is not valid here (unknown, or a GPU that this machine lacks)."""
+
+
+class Stopped(GPT2LabError):
+    """A run that a signal stopped after it saved: `report` says where it got to; the command
+    exits with 128 + `signum` (130 for SIGINT, 143 for SIGTERM), as a process killed by it would."""
+
+    def __init__(self, message: str, *, report: str, signum: int) -> None:
+        super().__init__(message)
+        self.report, self.signum = report, signum

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 ADAPTER_CONFIG = "adapter.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -58,16 +58,16 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", tuple(self.targets))
         if not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+            raise ConfigError(f"LoRA rank must be a positive integer, got {self.rank!r}")
         if not self.alpha > 0:
-            raise ValueError(f"LoRA alpha must be positive, got {self.alpha}")
+            raise ConfigError(f"LoRA alpha must be positive, got {self.alpha}")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         if not self.targets:
-            raise ValueError("LoRA needs at least one target module")
+            raise ConfigError("LoRA needs at least one target module")
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown:
-            raise ValueError(f"unknown LoRA target(s) {unknown}; choose from {', '.join(TARGETS)}")
+            raise ConfigError(f"unknown LoRA target(s) {unknown}; choose from {', '.join(TARGETS)}")
 
     @property
     def scale(self) -> float:
@@ -143,7 +143,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
         raise ValueError("the model already has LoRA layers: merge them first (merge_lora)")
     names = target_names(model, config.targets)
     if not names:
-        raise ValueError(f"LoRA targets {list(config.targets)} match no linear layer of the model")
+        raise ConfigError(f"LoRA targets {list(config.targets)} match no linear layer of the model")
     model.requires_grad_(False)
     for name in names:
         _replace(model, name, LoRALinear(model.get_submodule(name), config))

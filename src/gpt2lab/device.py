@@ -1,0 +1,34 @@
+"""The one resolver from a device name (`auto`, `cpu`, `cuda`, `cuda:N`, `mps`) to a torch.device."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .errors import DeviceError
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """`auto` is this rank's GPU when there is one, else the CPU; anything else must exist here."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise DeviceError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {name!r} asked for but no CUDA GPU is available; use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if device.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceError(f"device {name!r} asked for but MPS is not available here; use --device cpu")
+    elif device.type != "cpu":
+        raise DeviceError(f"device {name!r} is not supported: use auto, cpu, cuda or cuda:N")
+    return device

@@ -1,0 +1,372 @@
+"""How gpt2lab writes to disk: the one owner of atomic writes, destinations, locks and leftovers.
+
+The promises (README, "Your files"):
+- A folder or file gpt2lab writes appears under its name only once it is complete: it is
+  written under a temporary name beside it (`.NAME.tmp-PID-XXXX`) and renamed into place.
+- A destination that holds files gpt2lab did not write is refused, never replaced; one that
+  gpt2lab wrote is replaced only when asked (`--force`), never the source or a folder holding it.
+- A run folder has one writer at a time, under an exclusive lock.
+- What a crash leaves behind (temporary folders of processes that no longer run, a torn last
+  line of a log) is recognised by name and owner and cleaned up, or repaired, on the next run.
+- Running out of disk space is an error that names the path and leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import GPT2LabError
+
+LOCK_FILE = ".gpt2lab.lock"
+# What makes a folder a training run: gpt2lab writes these into every run folder, and nothing
+# else of gpt2lab's writes them, so such a folder is never a destination to replace.
+RUN_MARKERS = ("checkpoints", "metrics.jsonl", "provenance.jsonl", LOCK_FILE)
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)(?:-.*)?$")
+
+
+class DestinationError(GPT2LabError, ValueError):
+    """A destination that gpt2lab will not write: it holds the user's files, the source, or a run."""
+
+
+class DiskFullError(GPT2LabError, OSError):
+    """The disk filled while gpt2lab was writing; nothing half-written was left behind."""
+
+
+class LockedError(GPT2LabError, RuntimeError):
+    """A folder is being written by another gpt2lab process."""
+
+
+# -- permissions, liveness, leftovers ----------------------------------------------------------
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    except OverflowError:
+        return False
+    return True
+
+
+def clean_leftovers(parent: str | Path, name: str | None = None) -> list[Path]:
+    """Remove what killed gpt2lab processes left in `parent`; return what was cleaned.
+
+    Only gpt2lab's own names count (`.NAME.tmp-PID-*`, `.NAME.old-PID`), and only when process PID
+    no longer runs. A `.NAME.old-PID` is the previous complete version of NAME, moved aside just
+    before the new one was renamed in: if NAME is missing (killed between the two renames) it is
+    put back, otherwise it is removed. `name` limits the cleaning to leftovers of that one entry.
+    """
+    parent = Path(parent)
+    cleaned: list[Path] = []
+    if not parent.is_dir():
+        return cleaned
+    for entry in sorted(parent.iterdir()):
+        m = _LEFTOVER.match(entry.name)
+        if m is None or (name is not None and m["name"] != name) or pid_alive(int(m["pid"])):
+            continue
+        target = parent / m["name"]
+        if m["kind"] == "old" and not target.exists():
+            entry.rename(target)
+        else:
+            _remove(entry)
+        cleaned.append(entry)
+    return cleaned
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_dir(path: str | Path) -> None:
+    """Delete a folder so that no crash can leave it looking whole: it is renamed to a hidden
+    leftover name first (one atomic step), then deleted; clean_leftovers finishes a killed delete."""
+    path = Path(path)
+    aside = path.with_name(f".{path.name}.tmp-{os.getpid()}-deleting")
+    path.rename(aside)
+    shutil.rmtree(aside)
+
+
+# -- atomic writes -----------------------------------------------------------------------------
+
+
+def _fsync_tree(folder: Path) -> None:
+    for f in folder.rglob("*"):  # data on disk before the rename makes it visible
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _tree_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def disk_full(path: Path, written: int, needed: int | None = None) -> DiskFullError:
+    """The one-line error for ENOSPC while writing `path`."""
+    free = shutil.disk_usage(_existing(path)).free
+    need = (f"it needs about {needed / 2**20:.1f} MiB" if needed
+            else f"{written / 2**20:.1f} MiB were written before the disk filled")
+    return DiskFullError(f"no space left on the device while writing {path}: {need}, {free / 2**20:.1f} MiB are "
+                         "free there; nothing was left half-written. Free some space, or write elsewhere")
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_space(path: str | Path, needed: int) -> None:
+    """Raise DiskFullError now, before writing, if `needed` bytes cannot fit where `path` goes."""
+    path = Path(path)
+    if shutil.disk_usage(_existing(path)).free < needed:
+        raise disk_full(path, 0, needed)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, *, needed: int | None = None) -> Iterator[Path]:
+    """Yield a temporary folder that becomes `path` only once the block completes.
+
+    An existing `path` is moved aside first and removed only after the new folder is in place,
+    so a crash at any point leaves the old or the new folder (clean_leftovers puts an old one
+    back if need be), never a partial one. Callers check the destination first (check_destination).
+    `needed`: the bytes the folder will take, if known, checked against the free space first.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(path.parent, path.name)
+    if needed is not None:
+        check_space(path, needed)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-"))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the user's umask decides
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        old = None
+        if path.exists() or path.is_symlink():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(old)
+        tmp.rename(path)
+        _fsync_dir(path.parent)
+        if old is not None:
+            _remove(old)
+    except BaseException as e:
+        written = _tree_bytes(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise disk_full(path, written, needed) from None
+        raise
+
+
+def atomic_write(path: str | Path, data: str | bytes | Callable[[Path], None]) -> Path:
+    """Write one file atomically: text, bytes, or a function that writes the temporary path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8")
+        elif isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            data(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        written = tmp.stat().st_size if tmp.is_file() else 0
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise disk_full(path, written) from None
+        raise
+    return path
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write `obj` as indented JSON, atomically."""
+    return atomic_write(path, json.dumps(obj, indent=2) + "\n")
+
+
+# -- records -----------------------------------------------------------------------------------
+
+
+def read_json(path: str | Path, error: type[GPT2LabError], what: str = "file") -> Any:
+    """Parse a JSON file, raising `error` with a one-line message naming the file."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise error(f"{path} is a folder, expected a JSON {what}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path} is not valid JSON ({e}); the {what} is corrupt") from None
+
+
+def read_record(path: str | Path, *, format: str, version: int, error: type[GPT2LabError],
+                what: str = "record") -> dict[str, Any]:
+    """A versioned JSON record {"format": FORMAT, "version": N, ...}: checked, or `error`."""
+    rec = read_json(path, error, what)
+    if not isinstance(rec, dict) or rec.get("format") != format:
+        raise error(f"{path} is not a gpt2lab {what} (format {format!r})")
+    if not isinstance(rec.get("version"), int):
+        raise error(f"{path} has no integer version; the {what} is corrupt")
+    if rec["version"] > version:
+        raise error(f"{path} was written by a newer gpt2lab ({what} version {rec['version']}); upgrade gpt2lab")
+    return rec
+
+
+def is_record(path: str | Path, format: str) -> bool:
+    """Whether `path` is a JSON file whose "format" is `format` (never raises)."""
+    try:
+        rec = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(rec, dict) and rec.get("format") == format
+
+
+def read_jsonl(path: str | Path, error: type[GPT2LabError], *, repair: bool = False) -> list[Any]:
+    """The rows of a JSON-lines log. A last line that a crash cut short (no newline, not JSON) is
+    dropped with a warning, and with `repair` also cut from the file; a bad line elsewhere is `error`."""
+    path = Path(path)
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    rows: list[Any] = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            if i == len(lines) - 1:  # no newline after it: a write that a crash cut short
+                print(f"gpt2lab: warning: {path}: dropped a torn last line (a crash mid-write)", file=sys.stderr)
+                if repair:
+                    atomic_write(path, raw[: len(raw) - len(line)])
+                break
+            raise error(f"{path}, line {i + 1}: not valid JSON ({e}); fix or delete that line") from None
+    return rows
+
+
+# -- destinations ------------------------------------------------------------------------------
+
+
+def is_run_folder(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and any((path / m).exists() for m in RUN_MARKERS)
+
+
+def _contains(outer: Path, inner: Path) -> bool:
+    outer, inner = outer.resolve(), inner.resolve()
+    return outer == inner or outer in inner.parents
+
+
+def check_destination(dst: str | Path, *, what: str, ours: Callable[[Path], bool], force: bool,
+                      sources: Iterable[str | Path] = (), flag: str = "--force") -> Path:
+    """Refuse to write `what` into `dst` unless nothing the user wrote can be lost.
+
+    Refused always: a file; a training run folder; a source, or a folder that holds one; a
+    non-empty folder that `ours` does not recognise as the same kind of thing gpt2lab wrote.
+    Refused without `force`: a folder gpt2lab wrote. A missing or empty folder is fine.
+    """
+    dst = Path(dst)
+    for src in sources:
+        if Path(src).exists() and _contains(dst, Path(src)):
+            same = dst.resolve() == Path(src).resolve()
+            raise DestinationError(f"{dst} {'is' if same else 'holds'} the source {src}; writing there would "
+                                   "destroy it: choose another destination")
+    if dst.exists() and not dst.is_dir():
+        raise DestinationError(f"{dst} is a file; give the path of a new or empty folder")
+    if not dst.is_dir() or not any(dst.iterdir()):
+        return dst
+    if is_run_folder(dst):
+        raise DestinationError(f"{dst} is a training run folder; gpt2lab never replaces one: "
+                               "choose another destination")
+    if not ours(dst):
+        names = sorted(p.name for p in dst.iterdir())
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise DestinationError(f"{dst} holds files gpt2lab did not write ({shown}); gpt2lab never replaces them: "
+                               "give a new or empty folder")
+    if not force:
+        raise DestinationError(f"{dst} already holds a {what}; pass {flag} to replace it, or choose another folder")
+    return dst
+
+
+def only_names(folder: Path, allowed: Iterable[str]) -> bool:
+    """Whether every entry of `folder` is one of `allowed` (what one kind of gpt2lab folder holds)."""
+    allowed = set(allowed)
+    return all(p.name in allowed for p in folder.iterdir())
+
+
+# -- locks -------------------------------------------------------------------------------------
+
+
+class FolderLock:
+    """An exclusive lock on a folder (flock on FOLDER/.gpt2lab.lock), held by one process.
+
+    The kernel drops a flock when its process dies, however it dies, so a lock left by a killed
+    run never blocks the next one; the file keeps the holder's PID for the error message.
+    """
+
+    def __init__(self, folder: str | Path, what: str = "folder") -> None:
+        self.path = Path(folder) / LOCK_FILE
+        self.what = what
+        self._fd: int | None = None
+
+    def acquire(self) -> FolderLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LockedError(f"{self.path.parent} is in use by another gpt2lab process (PID {holder}); wait for "
+                              f"it to finish or stop it, or choose another {self.what}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock; the file stays (removing it would race)
+            self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
