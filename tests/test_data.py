@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -19,7 +20,8 @@ from hypothesis import strategies as st
 from gpt2lab import data
 from gpt2lab.cli import main
 from gpt2lab.data import HEADER, MAGIC, Loader, TokenShards, load_tokenizer, prepare, read_manifest
-from gpt2lab.errors import DataError, FetchError
+from gpt2lab.errors import DataError, FetchError, GPT2LabError
+from gpt2lab.files import DiskFullError
 from gpt2lab.tokenizer import Tokenizer
 
 
@@ -190,10 +192,12 @@ def test_rerun_on_unchanged_input_is_a_no_op(tmp_path, corpus):
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()} == stamp
     assert again["train_tokens"] == first["train_tokens"]
 
-    assert prep(folder, tmp_path / "out", tokenizer=tok, val_fraction=0.2)["unchanged"] is False  # options
-    assert prep(folder, tmp_path / "out", tokenizer=ByteTokenizer(1), val_fraction=0.2)["unchanged"] is False
+    # other options, tokenizer or input replace the folder only when asked (--force)
+    assert prep(folder, tmp_path / "out", tokenizer=tok, val_fraction=0.2, force=True)["unchanged"] is False
+    assert prep(folder, tmp_path / "out", tokenizer=ByteTokenizer(1), val_fraction=0.2,
+                force=True)["unchanged"] is False
     (folder / "doc03.txt").write_text("changed\n")  # input
-    redone = prep(folder, tmp_path / "out", tokenizer=tok, val_fraction=0.2)
+    redone = prep(folder, tmp_path / "out", tokenizer=tok, val_fraction=0.2, force=True)
     assert redone["unchanged"] is False
     assert "changed\n" in documents_of(tok, split_stream(tmp_path / "out", "train"))
     assert prep(folder, tmp_path / "out", tokenizer=tok, val_fraction=0.2, force=True)["unchanged"] is False
@@ -216,7 +220,7 @@ def test_interrupted_prepare_leaves_the_old_folder_and_no_partial_one(tmp_path, 
     prep(folder, tmp_path / "out", val_fraction=0.1)
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.bin")}
     with pytest.raises(KeyboardInterrupt):
-        prep(folder, tmp_path / "out", tokenizer=Interrupt(), val_fraction=0.1, shard_tokens=50)
+        prep(folder, tmp_path / "out", tokenizer=Interrupt(), val_fraction=0.1, shard_tokens=50, force=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.bin")} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "out"]  # the temporary folder is gone
     with pytest.raises(KeyboardInterrupt):
@@ -252,6 +256,79 @@ def test_killed_prepare_leaves_no_shard_that_looks_complete(tmp_path, corpus):
         data.read_shard_header(p)  # raises on any partial file
     # A shard under way at the kill keeps its .tmp name (its bytes may or may not be whole yet,
     # since writing runs one batch behind tokenizing), so nothing ever reads it as a shard.
+    assert [p.name for p in tmp_path.glob(".out.tmp-*")]  # what it left ...
+    prep(folder, tmp_path / "out", val_fraction=0.1, shard_tokens=70)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "out"]  # ... the next run removes
+
+
+def big_corpus(folder, n_docs: int = 40, mb: float = 0.45):
+    """About n_docs * mb MB of plain words (1-2 s of a real prepare on one core)."""
+    rng = np.random.default_rng(0)
+    words = "thou art the king and i am thy servant my lord what say you to this good night".split()
+    body = " ".join(rng.choice(words, size=int(mb * 2**20 / 4))) + "\n"
+    folder.mkdir()
+    for i in range(n_docs):
+        (folder / f"{i:03d}.txt").write_text(f"document {i}\n{body}")
+    return folder
+
+
+def test_leftovers_of_a_dead_prepare_are_removed_and_a_live_ones_kept(tmp_path, corpus):
+    folder, _ = corpus
+    done = subprocess.Popen(["true"])
+    done.wait()  # its PID no longer runs
+    running = subprocess.Popen(["sleep", "60"])
+    try:
+        dead = tmp_path / f".out.tmp-{done.pid}-k3j4x9"  # as files.atomic_dir names its temporary folder
+        live = tmp_path / f".out.tmp-{running.pid}-a8b2c1"
+        other = tmp_path / f".notes.tmp-{done.pid}-zz"  # another entry's: not prepare's to clean
+        for d in (dead, live, other):
+            d.mkdir()
+            (d / "train_000000.bin").write_bytes(b"half")
+        prep(folder, tmp_path / "out", val_fraction=0.1)
+        assert not dead.exists()
+        assert (live / "train_000000.bin").read_bytes() == b"half" and other.exists()
+        assert data.is_data_folder(tmp_path / "out")
+    finally:
+        running.kill()
+        running.wait()
+
+
+def test_a_folder_a_killed_prepare_moved_aside_is_put_back_before_out_is_judged(tmp_path, corpus):
+    folder, _ = corpus
+    prep(folder, tmp_path / "out", val_fraction=0.1)
+    done = subprocess.Popen(["true"])
+    done.wait()
+    (tmp_path / "out").rename(tmp_path / f".out.old-{done.pid}")  # killed between atomic_dir's two renames
+    with pytest.raises(DataError, match="pass --force"):
+        prep(folder, tmp_path / "out", val_fraction=0.2)  # other options: the restored folder is not replaced
+    assert read_manifest(tmp_path / "out")["options"]["val_fraction"] == 0.1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "out"]
+
+
+def test_sigkill_of_a_real_prepare_leaves_nothing_complete_looking_and_the_rerun_cleans_up(tmp_path, capsys):
+    corpus = big_corpus(tmp_path / "big")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "gpt2lab", "prepare", str(corpus), "--out", str(out), "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        seen = b""
+        while seen.count(b"\r") < 2:  # the progress bar's first advance: some shards are written, most are not
+            chunk = os.read(proc.stderr.fileno(), 4096)
+            if not chunk:
+                break
+            seen += chunk
+        proc.kill()
+    finally:
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -9, seen.decode(errors="replace")
+    assert not out.exists()
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+    assert left and not any((p / "manifest.json").exists() for p in left)
+    assert main(["prepare", str(corpus), "--out", str(out), "--workers", "1", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["train_documents"] == 38
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "out"]
+    assert data.is_data_folder(out) and len(Loader(out, "val", batch_size=2, block_size=8).get(0)[0]) == 2
 
 
 def test_memory_stays_bounded_whatever_the_corpus_size(tmp_path):
@@ -440,21 +517,197 @@ def test_undecodable_bytes_are_named_by_file_and_offset(tmp_path, monkeypatch):
         prep(tmp_path / "bad.jsonl", tmp_path / "out2", val_fraction=0)
 
 
-def test_out_that_is_not_a_data_folder_is_never_replaced(tmp_path, corpus):
-    folder, _ = corpus
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(DataError, match="not a prepared data folder"):
-        prep(folder, tmp_path / "mine")
-    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
-
-
 def test_bad_options(tmp_path, corpus):
     folder, _ = corpus
     with pytest.raises(DataError, match="val_fraction"):
         prep(folder, tmp_path / "out", val_fraction=0.5)
     with pytest.raises(DataError, match="positive"):
         prep(folder, tmp_path / "out", shard_tokens=0)
+
+
+# -- where prepare may write ------------------------------------------------------------------
+
+
+def snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+
+def gpt2lab_manifest(**extra):
+    return json.dumps({"format": data.MANIFEST_FORMAT, "version": 1, "fingerprint": "x", **extra})
+
+
+USER_FOLDERS = {
+    "notes": {"notes.txt": "keep me"},
+    "their own manifest.json": {"manifest.json": '{"name": "my web app", "version": "2.1"}', "index.js": "x"},
+    "a manifest.json that is not JSON": {"manifest.json": "name: thesis\n", "train_000000.bin": "mine"},
+    "gpt2lab's manifest beside their files": {"manifest.json": gpt2lab_manifest(), "train_000000.bin": "x",
+                                              "tokenizer/tokenizer.json": "{}", "notes.txt": "keep me"},
+    "gpt2lab's format without an integer version": {"manifest.json": json.dumps(
+        {"format": data.MANIFEST_FORMAT, "version": "1"}), "train_000000.bin": "x"},
+    "a hidden file beside gpt2lab's names": {"manifest.json": gpt2lab_manifest(), ".git/HEAD": "ref"},
+}
+
+
+@pytest.mark.parametrize("force", [False, True])
+@pytest.mark.parametrize("layout", list(USER_FOLDERS), ids=list(USER_FOLDERS))
+def test_a_folder_gpt2lab_did_not_write_is_never_replaced(tmp_path, corpus, layout, force):
+    folder, _ = corpus
+    mine = tmp_path / "mine"
+    for name, text in USER_FOLDERS[layout].items():
+        (mine / name).parent.mkdir(parents=True, exist_ok=True)
+        (mine / name).write_text(text)
+    before = snapshot(mine)
+    tok = ByteTokenizer()
+    with pytest.raises(GPT2LabError, match="did not write .* never replaces them"):
+        prep(folder, mine, tokenizer=tok, force=force)
+    assert snapshot(mine) == before and tok.batches == 0  # refused before any work
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "mine"]
+
+
+def test_a_file_or_a_training_run_is_never_a_data_folder(tmp_path, corpus):
+    folder, _ = corpus
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(GPT2LabError, match="is a file"):
+        prep(folder, tmp_path / "notes.txt", force=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(GPT2LabError, match="training run folder"):
+        prep(folder, run, force=True)
+    assert (tmp_path / "notes.txt").read_text() == "keep me" and snapshot(run) == {"metrics.jsonl": b"{}\n"}
+
+
+def test_an_empty_folder_is_fine(tmp_path, corpus):
+    folder, _ = corpus
+    (tmp_path / "empty").mkdir()
+    assert prep(folder, tmp_path / "empty")["unchanged"] is False
+
+
+def test_a_data_folder_from_other_input_is_replaced_only_with_force(tmp_path, corpus, capsys):
+    folder, _ = corpus
+    other = tmp_path / "other"
+    other.mkdir()
+    for i in range(20):
+        (other / f"{i}.txt").write_text(f"other text {i}\n")
+    out = tmp_path / "out"
+    prep(folder, out)
+    before = snapshot(out)
+    for source, options in ((other, {}), (folder, {"val_fraction": 0.1}), (folder, {"tokenizer": ByteTokenizer(3)})):
+        tok = options.pop("tokenizer", ByteTokenizer())
+        with pytest.raises(DataError, match=f"holds data prepared from {folder} .*--force.*another --out"):
+            prep(source, out, tokenizer=tok, **options)
+        assert snapshot(out) == before and tok.batches == 0
+    # the command line says it in one line
+    rc = main(["prepare", str(other), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("gpt2lab: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert "--force" in err and str(folder) in err
+    assert prep(other, out, force=True)["unchanged"] is False
+    assert read_manifest(out)["source"]["spec"] == str(other)
+    assert prep(other, out)["unchanged"] is True  # and now it is this input's folder: a no-op
+
+
+def test_a_data_folder_whose_manifest_is_damaged_still_needs_force_for_other_input(tmp_path, corpus):
+    folder, _ = corpus
+    prep(folder, tmp_path / "out")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    del manifest["splits"]  # unreadable as data, but gpt2lab's: other input needs --force, the same input mends it
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="pass --force"):
+        prep(folder, tmp_path / "out", val_fraction=0.1)
+    assert prep(folder, tmp_path / "out")["unchanged"] is False
+    assert TokenShards(tmp_path / "out", "train").n_tokens > 0
+
+
+def source_inside(tmp_path, where):
+    """(source, out) with the source inside out, or out itself; out also holds a note of the user's."""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "notes.txt").write_text("keep me")
+    if where == "file":
+        (proj / "corpus.txt").write_text("all my text\n")
+        return proj / "corpus.txt", proj
+    (proj / "corpus").mkdir()
+    for i in range(20):
+        (proj / "corpus" / f"{i}.txt").write_text(f"chapter {i}\n")
+    return (proj / "corpus", proj) if where == "folder" else (proj / "corpus", proj / "corpus")
+
+
+@pytest.mark.parametrize("where", ["file", "folder", "the out folder itself"])
+def test_a_source_inside_out_is_refused_before_any_work(tmp_path, where):
+    source, out = source_inside(tmp_path, where)
+    before = snapshot(tmp_path)
+    tok = ByteTokenizer()
+    for force in (False, True):
+        with pytest.raises(GPT2LabError, match=f"(holds|is) the source {source}"):
+            prep(source, out, tokenizer=tok, val_fraction=0, force=force)
+    assert snapshot(tmp_path) == before and tok.batches == 0
+
+
+def test_a_data_folder_given_as_its_own_source_is_refused_even_with_force(tmp_path, corpus, capsys):
+    folder, _ = corpus
+    prep(folder, tmp_path / "out")
+    before = snapshot(tmp_path / "out")
+    with pytest.raises(GPT2LabError, match="is the source"):
+        prep(tmp_path / "out", tmp_path / "out", force=True, decode_errors="replace")
+    with pytest.raises(GPT2LabError, match="holds the source"):  # one of its shards, as a text file
+        prep(tmp_path / "out" / "train_000000.bin", tmp_path / "out", force=True, val_fraction=0,
+             decode_errors="replace")
+    rc = main(["prepare", str(tmp_path / "out" / "val_000000.bin"), "--out", str(tmp_path / "out"), "--force",
+               "--val-fraction", "0", "--decode-errors", "replace", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("gpt2lab: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert snapshot(tmp_path / "out") == before
+
+
+def test_an_out_inside_the_source_folder_is_refused(tmp_path, corpus):
+    folder, _ = corpus
+    with pytest.raises(DataError, match="inside the source folder .* choose an --out outside it"):
+        prep(folder, folder / "data" / "shards")
+    assert not (folder / "data").exists()
+    assert prep(folder, folder / ".prepared")["train_documents"] == 19  # hidden: never read as the corpus
+    assert prep(folder, folder / ".prepared")["unchanged"] is True
+
+
+# -- a full disk ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 256 KiB filesystem (tmpfs; needs root), unmounted afterwards."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode(errors='replace').strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, tiny_disk, capsys):
+    corpus = big_corpus(tmp_path / "big", n_docs=20, mb=0.05)  # 1 MB of text, about 250k GPT-2 tokens: 500 kB
+    rc = main(["prepare", str(corpus), "--out", str(tiny_disk / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("gpt2lab: error: no space left") and err.count("\n") == 1 and "Traceback" not in err
+    assert str(tiny_disk / "out") in err
+    assert list(tiny_disk.iterdir()) == []
+
+
+def test_a_full_disk_under_a_data_folder_keeps_the_old_one(tmp_path, tiny_disk):
+    small = tmp_path / "small"
+    small.mkdir()
+    for i in range(20):
+        (small / f"{i}.txt").write_text(f"a short text {i}\n")
+    prep(small, tiny_disk / "out")
+    before = snapshot(tiny_disk / "out")
+    corpus = big_corpus(tmp_path / "big", n_docs=20, mb=0.02)  # 400 kB of text: 800 kB of uint16 tokens
+    with pytest.raises(DiskFullError, match="no space left"):
+        prep(corpus, tiny_disk / "out", force=True, shard_tokens=10_000)
+    assert snapshot(tiny_disk / "out") == before
+    assert sorted(p.name for p in tiny_disk.iterdir()) == ["out"]
 
 
 def test_corrupt_shards_are_refused(tmp_path, corpus):
@@ -467,6 +720,143 @@ def test_corrupt_shards_are_refused(tmp_path, corpus):
     shard.write_bytes(b"NOTASHRD" + bytes(100))
     with pytest.raises(DataError, match="not a gpt2lab token shard"):
         TokenShards(tmp_path / "out", "train")
+
+
+def shard_path(folder, split="train", index=0):
+    return folder / data.shard_name(split, index)
+
+
+def set_token(path, index, value, dtype="<u2"):
+    raw = bytearray(path.read_bytes())
+    width = np.dtype(dtype).itemsize
+    raw[HEADER.size + index * width:HEADER.size + (index + 1) * width] = np.array([value], dtype=dtype).tobytes()
+    path.write_bytes(bytes(raw))
+
+
+def test_ids_outside_the_vocabulary_are_refused_when_read(tmp_path, corpus):
+    folder, _ = corpus
+    prep(folder, tmp_path / "out", val_fraction=0.1, shard_tokens=100)  # ByteTokenizer: 257 ids
+    set_token(shard_path(tmp_path / "out", "train", 2), 5, 257)
+    shards = TokenShards(tmp_path / "out", "train")
+    assert shards.read([0, 300], 50).max() <= 256  # the rest reads as before
+    with pytest.raises(DataError, match=r"train_000002.bin \(train split\) holds token id 257 at token 5, "
+                                        r"outside the vocabulary of 257 ids.*prepare the folder again"):
+        shards.read([190], 20)  # crosses into shard 2, up to its token 10
+    for split in ("train", "val"):  # a shard of all-bad ids: any batch, eval or training, says so
+        for s in read_manifest(tmp_path / "out")["splits"][split]["shards"]:
+            path = tmp_path / "out" / s["file"]
+            path.write_bytes(path.read_bytes()[:HEADER.size] + b"\xff" * (path.stat().st_size - HEADER.size))
+    with pytest.raises(DataError, match=r"train_0000\d\d.bin \(train split\) holds token id 65535"):
+        Loader(tmp_path / "out", "train", batch_size=2, block_size=8).get(0)
+    with pytest.raises(DataError, match=r"val_000000.bin \(val split\)"):
+        next(Loader(tmp_path / "out", "val", batch_size=2, block_size=8).eval_batches(1))
+
+
+def test_shard_width_must_agree_with_the_manifest(tmp_path, corpus):
+    folder, _ = corpus
+    prep(folder, tmp_path / "out", val_fraction=0.1)
+    path = shard_path(tmp_path / "out")
+    _, version, _, count = HEADER.unpack(path.read_bytes()[:HEADER.size])
+    tokens = np.frombuffer(path.read_bytes()[HEADER.size:], dtype="<u2").astype("<u4")
+    path.write_bytes(HEADER.pack(MAGIC, version, 4, count) + tokens.tobytes())  # whole, but uint32
+    with pytest.raises(DataError, match=r"train_000000.bin holds 4-byte tokens, but the manifest says uint16"):
+        TokenShards(tmp_path / "out", "train")
+
+
+def valid_manifest(tmp_path, corpus):
+    folder, _ = corpus
+    prep(folder, tmp_path / "out", val_fraction=0.1, shard_tokens=300)
+    return tmp_path / "out", json.loads((tmp_path / "out" / "manifest.json").read_text())
+
+
+def _set(path):
+    """A change to a manifest: set (or with None, delete) the value at a dotted path."""
+    def change(m, value):
+        *keys, last = path.split(".")
+        for k in keys:
+            m = m[int(k)] if isinstance(m, list) else m[k]
+        if value is _DELETE:
+            del m[last]
+        else:
+            m[int(last) if isinstance(m, list) else last] = value
+    return change
+
+
+_DELETE = object()
+HOSTILE_MANIFESTS = {  # what a damaged, hand-edited or hostile manifest may hold
+    "no splits": ("splits", _DELETE, "splits is missing"),
+    "splits a list": ("splits", [], "splits should be an object, not \\[\\]"),
+    "no val split": ("splits.val", _DELETE, "splits.val is missing"),
+    "shards a string": ("splits.train.shards", "train_000000.bin", "splits.train.shards should be a list"),
+    "a shard a string": ("splits.train.shards.0", "train_000000.bin", r"splits.train.shards\[0\] should be an obj"),
+    "shard tokens a string": ("splits.train.shards.0.tokens", "300", r"shards\[0\].tokens should be an integer"),
+    "shard tokens negative": ("splits.train.shards.0.tokens", -1, r"shards\[0\].tokens should be an integer >= 0"),
+    "no shard file": ("splits.val.shards.0.file", _DELETE, r"splits.val.shards\[0\].file is missing"),
+    "absolute shard": ("splits.train.shards.0.file", "/etc/passwd", "'/etc/passwd', not the plain name of a file"),
+    "shard up a level": ("splits.train.shards.1.file", "../secret.bin", "'../secret.bin', not the plain name"),
+    "shard in a subfolder": ("splits.train.shards.0.file", "sub/train_000000.bin", "not the plain name"),
+    "shard the parent": ("splits.val.shards.0.file", "..", "'..', not the plain name"),
+    "shard with a backslash": ("splits.val.shards.0.file", "..\\x.bin", "not the plain name"),
+    "split tokens off": ("splits.train.tokens", 5, "splits.train.tokens is 5, but its shards hold"),
+    "bytes_per_token a string": ("splits.val.bytes_per_token", "3.1", "bytes_per_token should be a number or null"),
+    "tokenizer a string": ("tokenizer", "gpt2", "tokenizer should be an object"),
+    "no vocab_size": ("tokenizer.vocab_size", _DELETE, "tokenizer.vocab_size is missing"),
+    "vocab_size a bool": ("tokenizer.vocab_size", True, "tokenizer.vocab_size should be a positive integer"),
+    "vocab_size zero": ("tokenizer.vocab_size", 0, "tokenizer.vocab_size should be a positive integer"),
+    "eot outside": ("tokenizer.eot_id", 257, "tokenizer.eot_id is 257, outside the vocabulary"),
+    "dtype a float": ("dtype", "float32", "dtype is \"float32\"; a vocabulary of 257 ids is stored as uint16"),
+    "dtype a number": ("dtype", 2, "dtype should be a string, not 2"),
+    "dtype too narrow": ("tokenizer.vocab_size", 70_000, "a vocabulary of 70000 ids is stored as uint32"),
+    "no source": ("source", _DELETE, "source is missing"),
+    "no fingerprint": ("fingerprint", _DELETE, "fingerprint is missing"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_MANIFESTS), ids=list(HOSTILE_MANIFESTS))
+def test_a_malformed_manifest_is_one_data_error_naming_it(tmp_path, corpus, case):
+    folder, manifest = valid_manifest(tmp_path, corpus)
+    (tmp_path / "secret.bin").write_bytes(shard_path(folder).read_bytes())  # a whole shard, outside the folder
+    key, value, message = HOSTILE_MANIFESTS[case]
+    _set(key)(manifest, value)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    path = str(folder / "manifest.json")
+    for read in (lambda: read_manifest(folder), lambda: TokenShards(folder, "train"),
+                 lambda: Loader(folder, "val", batch_size=1, block_size=4), lambda: load_tokenizer(folder)):
+        with pytest.raises(DataError, match=message) as e:
+            read()
+        assert str(e.value).startswith(path) and str(e.value).endswith("prepare the folder again")
+        assert "\n" not in str(e.value)
+    # preparing the same input again mends it (without a fingerprint, what it was made from is unknown: --force)
+    assert prep(folder.parent / "corpus", folder, val_fraction=0.1, shard_tokens=300,
+                force=case == "no fingerprint")["unchanged"] is False
+    assert TokenShards(folder, "train").n_tokens > 0
+
+
+def test_train_on_a_hostile_manifest_is_one_line_on_the_command_line(tmp_path, corpus, capsys):
+    folder, manifest = valid_manifest(tmp_path, corpus)
+    manifest["splits"]["train"]["shards"][0]["file"] = "/etc/passwd"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    rc = main(["train", "--data", str(folder), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("gpt2lab: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert "manifest.json" in err and "'/etc/passwd', not the plain name" in err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "is not valid JSON"),
+    ("[1, 2]", "is not a gpt2lab data manifest"),
+    (json.dumps({"format": "something-else", "version": 1}), "is not a gpt2lab data manifest"),
+    (json.dumps({"format": data.MANIFEST_FORMAT}), "has no integer version"),
+    (json.dumps({"format": data.MANIFEST_FORMAT, "version": "1"}), "has no integer version"),
+    (json.dumps({"format": data.MANIFEST_FORMAT, "version": 99}), "newer gpt2lab"),
+])
+def test_a_manifest_that_is_no_record_of_ours_is_one_data_error(tmp_path, corpus, text, message):
+    folder, _ = valid_manifest(tmp_path, corpus)
+    (folder / "manifest.json").write_text(text)
+    with pytest.raises(DataError, match=message) as e:
+        TokenShards(folder, "train")
+    assert str(e.value).startswith(str(folder / "manifest.json")) and "\n" not in str(e.value)
+    assert str(e.value).endswith("prepare the folder again to replace it")
 
 
 # -- the loader -------------------------------------------------------------------------------
@@ -537,6 +927,26 @@ def test_eval_batches_are_fixed_and_span_the_split(prepared, corpus):
     assert first[-1][1][-1].tolist() == val[-8:].tolist()
 
 
+def test_eval_batches_stop_once_they_cover_the_split(prepared):
+    folder, _ = prepared
+    val = split_stream(folder, "val")
+    for batch_size, block_size in ((2, 8), (3, 50), (1, len(val) - 1), (4, 7)):
+        loader = Loader(folder, "val", batch_size=batch_size, block_size=block_size)
+        most = loader.max_eval_batches
+        assert most == max(1, math.ceil(math.ceil((len(val) - 1) / block_size) / batch_size))
+        batches = list(loader.eval_batches(1_000_000))  # hours of batches, were they not bounded
+        assert len(batches) == most
+        covered = np.zeros(len(val), dtype=bool)  # every target token is predicted at least once
+        starts = np.linspace(0, len(val) - block_size - 1, most * batch_size).round().astype(int)
+        for s in starts:
+            covered[s + 1:s + 1 + block_size] = True
+        assert covered[1:].all()
+        assert torch.equal(batches[-1][1][-1], torch.from_numpy(val[-block_size:]))
+        assert len(list(loader.eval_batches(1))) == 1
+    with pytest.raises(DataError, match="eval batches"):
+        list(loader.eval_batches(-1))
+
+
 def test_loader_errors(prepared):
     folder, _ = prepared
     n = TokenShards(folder, "val").n_tokens
@@ -588,3 +998,25 @@ def test_cli_prepare(tmp_path, corpus, capsys, gpt2):
     assert main(["prepare", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("gpt2lab: error: ") and err.count("\n") == 1
+
+
+def test_the_demo_replaces_its_own_data_folder_when_its_input_changes(tmp_path, corpus, gpt2):
+    from gpt2lab.data import prepare_own
+
+    folder, _ = corpus
+    other = tmp_path / "other"
+    other.mkdir()
+    for i in range(20):
+        (other / f"{i}.txt").write_text(f"other text {i}\n")
+    own = tmp_path / "demo" / "data" / "gpt2"
+    prepare_own(str(folder), own, tokenizer="gpt2")
+    stamp = {p.name: p.stat().st_mtime_ns for p in own.iterdir()}
+    prepare_own(str(folder), own, tokenizer="gpt2")  # unchanged: kept as it is
+    assert {p.name: p.stat().st_mtime_ns for p in own.iterdir()} == stamp
+    prepare_own(str(other), own, tokenizer="gpt2")  # `gpt2lab demo --data OTHER` with the same --out
+    assert read_manifest(own)["source"]["spec"] == str(other)
+    assert data.up_to_date(str(other), own, tokenizer="gpt2") and not data.up_to_date(str(folder), own)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(GPT2LabError, match="did not write"):  # forcing never reaches the user's files
+        prepare_own(str(folder), tmp_path / "mine", tokenizer="gpt2")

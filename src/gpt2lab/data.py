@@ -7,6 +7,9 @@
     train_000000.bin ... the training split, one stream of tokens cut into shards
     val_000000.bin ...   the held-out split: whole documents, none of them also in train
 
+A folder is a data folder only when its manifest is gpt2lab's and it holds nothing else (is_data_folder):
+prepare replaces only such a folder, and one made from other input or options only with --force.
+
 A shard is a 32-byte little-endian header, then its tokens:
 
     bytes 0-7    magic b"GPT2LTOK"
@@ -23,12 +26,14 @@ into the next shard, and the loader's windows may start anywhere and cross shard
 from __future__ import annotations
 
 import codecs
+import contextlib
 import dataclasses
 import hashlib
 import itertools
 import json
 import math
 import os
+import re
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -41,7 +46,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import atomic_dir, write_json
+from . import files
 from .errors import DataError
 from .fetch import Package, fetch_package, sha256_file
 from .tokenizer import Tokenizer
@@ -53,6 +58,7 @@ MANIFEST_FORMAT = "gpt2lab-tokens"
 FORMAT_VERSION = 1
 MAGIC = b"GPT2LTOK"
 HEADER = struct.Struct("<8sIIQ8x")  # magic, version, bytes per token, token count, reserved
+SHARD_NAME = re.compile(r"(train|val)_\d{6,}\.bin")
 
 
 # -- shards ----------------------------------------------------------------------------------
@@ -113,6 +119,14 @@ class _ShardWriter:
         if self._file is not None:
             self._finish()
         return self.shards
+
+    def discard(self) -> None:
+        """Close the shard under way after a failure. Left open, its buffered bytes would be flushed
+        at garbage collection and, on a full disk, fail again as a second, stray error."""
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
 
     def _finish(self) -> None:
         self._file.seek(0)
@@ -458,23 +472,28 @@ def _write_splits(src: _Source, tok: Tokenizer, folder: Path, *, val_fraction: f
     dtype = token_dtype(tok.vocab_size)
     writers = {s: _ShardWriter(folder, s, dtype, shard_tokens) for s in SPLITS}
     stats = {s: {"documents": 0, "tokens": 0, "bytes": 0} for s in SPLITS}
-    with tqdm(total=src.size, unit="B", unit_scale=True, desc=f"prepare {src.spec}", disable=not progress,
-              dynamic_ncols=True) as bar:
-        batches = _batches(_pieces(src.documents(), val_fraction), BATCH_CHARS)
-        for batch, ids in _encoded(batches, tok, workers):
-            for piece, piece_ids in zip(batch, ids, strict=True):
-                info = stats[piece.split]
-                if piece.last:
-                    piece_ids.append(tok.eot_id)
-                    info["documents"] += 1
-                writers[piece.split].write(np.array(piece_ids, dtype=dtype))
-                info["tokens"] += len(piece_ids)
-                info["bytes"] += piece.nbytes
-            bar.update(sum(p.nbytes for p in batch))
-    for split in SPLITS:
-        info = stats[split]
-        info["bytes_per_token"] = info["bytes"] / info["tokens"] if info["tokens"] else None
-        info["shards"] = writers[split].close()
+    try:
+        with tqdm(total=src.size, unit="B", unit_scale=True, desc=f"prepare {src.spec}", disable=not progress,
+                  dynamic_ncols=True) as bar:
+            batches = _batches(_pieces(src.documents(), val_fraction), BATCH_CHARS)
+            for batch, ids in _encoded(batches, tok, workers):
+                for piece, piece_ids in zip(batch, ids, strict=True):
+                    info = stats[piece.split]
+                    if piece.last:
+                        piece_ids.append(tok.eot_id)
+                        info["documents"] += 1
+                    writers[piece.split].write(np.array(piece_ids, dtype=dtype))
+                    info["tokens"] += len(piece_ids)
+                    info["bytes"] += piece.nbytes
+                bar.update(sum(p.nbytes for p in batch))
+        for split in SPLITS:
+            info = stats[split]
+            info["bytes_per_token"] = info["bytes"] / info["tokens"] if info["tokens"] else None
+            info["shards"] = writers[split].close()
+    except BaseException:
+        for writer in writers.values():
+            writer.discard()
+        raise
     return stats
 
 
@@ -494,11 +513,66 @@ def _is_prepared(out: Path, fingerprint: str) -> bool:
         manifest = read_manifest(out)
     except DataError:
         return False
-    if manifest.get("fingerprint") != fingerprint or not (out / "tokenizer").is_dir():
+    if manifest["fingerprint"] != fingerprint or not (out / "tokenizer").is_dir():
         return False
     width = np.dtype(manifest["dtype"]).itemsize
     return all((out / s["file"]).is_file() and (out / s["file"]).stat().st_size == HEADER.size + s["tokens"] * width
                for info in manifest["splits"].values() for s in info["shards"])
+
+
+def _raw_manifest(folder: Path) -> dict[str, Any] | None:
+    """The manifest of `folder` if it is gpt2lab's (its format and an integer version), unchecked beyond that."""
+    try:
+        rec = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(rec, dict) or rec.get("format") != MANIFEST_FORMAT or type(rec.get("version")) is not int:
+        return None
+    return rec
+
+
+def is_data_folder(folder: str | Path) -> bool:
+    """Whether `folder` is one that prepare wrote: gpt2lab's own manifest, and nothing but the names
+    prepare writes (manifest.json, tokenizer/, shards). Says nothing of completeness; never raises."""
+    folder = Path(folder)
+    return (folder.is_dir() and _raw_manifest(folder) is not None
+            and all(p.name in (MANIFEST, "tokenizer") or SHARD_NAME.fullmatch(p.name) for p in folder.iterdir()))
+
+
+def _local_source(source: str) -> Path | None:
+    """The file or folder a source names on this machine (None for catalog and hf: sources)."""
+    if source in CATALOG or source.startswith("hf:"):
+        return None
+    with contextlib.suppress(RuntimeError):  # ~user that does not exist: _open_source says so
+        return Path(source).expanduser()
+    return None
+
+
+def _check_out(source: str, out: Path) -> None:
+    """Refuse, before any work, an `out` that prepare may never write: a file, a training run, a
+    folder of the user's files, the source or a folder holding it, or a folder inside the source."""
+    local = _local_source(source)
+    # Replacing a data folder of ours is decided by the caller, once the input's fingerprint is known.
+    files.check_destination(out, what="data folder", ours=is_data_folder, force=True,
+                            sources=[local] if local is not None else [])
+    if local is not None and local.is_dir() and out.resolve().is_relative_to(local.resolve()):
+        inside = out.resolve().relative_to(local.resolve())
+        if not any(part.startswith(".") for part in inside.parts):  # hidden paths are never read as corpus
+            raise DataError(f"{out} lies inside the source folder {source}: its shards would be read as text on the "
+                            "next run; choose an --out outside it")
+
+
+def _plan(source: str, tokenizer: str | Tokenizer, field: str, val_fraction: float, shard_tokens: int,
+          decode_errors: DecodeErrors) -> tuple[_Source, Tokenizer, dict[str, Any], str]:
+    """The opened source, the tokenizer, the options, and the fingerprint of all three."""
+    src = _open_source(source, field, decode_errors)
+    if src.single and val_fraction > 0:
+        raise DataError(f"{source} is one document (a text file); the validation split holds out whole documents: "
+                        "give a folder of several text files or a JSONL file, or pass --val-fraction 0")
+    tok = _load_tokenizer_spec(tokenizer)
+    options = {"field": field, "val_fraction": val_fraction, "shard_tokens": shard_tokens,
+               "decode_errors": decode_errors}
+    return src, tok, options, _sha256_json([FORMAT_VERSION, src.fingerprint, tok.sha256, options])
 
 
 def _default_out(source: str) -> Path:
@@ -512,20 +586,38 @@ def _load_tokenizer_spec(spec: str | Tokenizer) -> Tokenizer:
     return Tokenizer.gpt2() if spec == "gpt2" else Tokenizer.from_dir(spec)
 
 
+def up_to_date(source: str, out: str | Path, *, tokenizer: str | Tokenizer = "gpt2", field: str = "text",
+               val_fraction: float = 0.05, shard_tokens: int = 1 << 24,
+               decode_errors: DecodeErrors = "strict") -> bool:
+    """Whether `out` is complete and holds `source` prepared with these options, so that
+    prepare(source, out=out, ...) with the same arguments would do nothing."""
+    *_, fingerprint = _plan(source, tokenizer, field, val_fraction, shard_tokens, decode_errors)
+    return _is_prepared(Path(out), fingerprint)
+
+
+def prepare_own(source: str, out: str | Path, *, tokenizer: str | Tokenizer = "gpt2", **options: Any) -> dict[str, Any]:
+    """prepare() into a data folder that a gpt2lab command owns (the demo's, a fine-tuning run's):
+    kept while its input is unchanged, replaced when the same folder is asked to hold other input.
+    A folder there holding anything but gpt2lab's data is still refused."""
+    keys = ("field", "val_fraction", "shard_tokens", "decode_errors")
+    force = not up_to_date(source, out, tokenizer=tokenizer, **{k: v for k, v in options.items() if k in keys})
+    return prepare(source, out=Path(out), tokenizer=tokenizer, force=force, **options)
+
+
 def prepare(source: str, *, out: Path | None = None, tokenizer: str | Tokenizer = "gpt2", field: str = "text",
             val_fraction: float = 0.05, shard_tokens: int = 1 << 24, workers: int | None = None,
             decode_errors: DecodeErrors = "strict", force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Tokenize a corpus into train/val token shards in a data folder, for `gpt2lab train --data DIR`.
 
     source: a catalog name (shakespeare, kjv), a text file, a folder, a .jsonl file, or hf:NAME[:CONFIG][@SPLIT]
-    out: the data folder to write (default: data/NAME); replaced only once the new one is complete
+    out: the data folder (default: data/NAME): new, empty or one prepare wrote; replaced once the new one is complete
     tokenizer: gpt2, or a folder holding a tokenizer (e.g. one trained with gpt2lab)
     field: the text field of JSONL rows and Hugging Face datasets
     val_fraction: share of documents held out for validation, as whole documents, evenly spaced
     shard_tokens: tokens per shard file
     workers: threads that tokenize (default: all cores)
     decode_errors: bytes that are not UTF-8: strict stops, naming the file and byte offset; replace writes U+FFFD
-    force: prepare again even when DIR already holds this input prepared with these options
+    force: replace a data folder prepared from other input or options, or redo an unchanged one (never other files)
     progress: show a progress bar
 
     Text is kept exactly (no newline translation); each document is followed by <|endoftext|>'s id.
@@ -536,20 +628,20 @@ def prepare(source: str, *, out: Path | None = None, tokenizer: str | Tokenizer 
     if shard_tokens < 1 or (workers is not None and workers < 1):
         raise DataError(f"shard_tokens and workers must be positive, got {shard_tokens} and {workers}")
     out = Path(out) if out is not None else _default_out(source)
-    src = _open_source(source, field, decode_errors)
-    if src.single and val_fraction > 0:
-        raise DataError(f"{source} is one document (a text file); the validation split holds out whole documents: "
-                        "give a folder of several text files or a JSONL file, or pass --val-fraction 0")
-    tok = _load_tokenizer_spec(tokenizer)
-    options = {"field": field, "val_fraction": val_fraction, "shard_tokens": shard_tokens,
-               "decode_errors": decode_errors}
-    fingerprint = _sha256_json([FORMAT_VERSION, src.fingerprint, tok.sha256, options])
-    if not force and _is_prepared(out, fingerprint):
-        return _summary(out, read_manifest(out), unchanged=True)
-    if out.is_file() or (out.is_dir() and not (out / MANIFEST).is_file() and any(out.iterdir())):
-        raise DataError(f"{out} exists and is not a prepared data folder; give --out a new or empty folder")
+    # What a killed prepare left goes first: a folder it had moved aside is put back before `out` is judged.
+    files.clean_leftovers(out.parent, out.name)
+    _check_out(source, out)
+    src, tok, options, fingerprint = _plan(source, tokenizer, field, val_fraction, shard_tokens, decode_errors)
+    if not force:
+        if _is_prepared(out, fingerprint):
+            return _summary(out, read_manifest(out), unchanged=True)
+        held = _raw_manifest(out)  # _check_out let `out` through: it is new, empty, or a data folder of ours
+        if held is not None and held.get("fingerprint") != fingerprint:
+            spec = held["source"].get("spec") if isinstance(held.get("source"), dict) else None
+            raise DataError(f"{out} holds data prepared from {spec if isinstance(spec, str) else 'another source'} "
+                            "with other input or options; pass --force to replace it, or choose another --out")
     started = time.perf_counter()
-    with atomic_dir(out) as tmp:
+    with files.atomic_dir(out) as tmp:
         tok.save(tmp / "tokenizer")
         stats = _write_splits(src, tok, tmp, val_fraction=val_fraction, shard_tokens=shard_tokens,
                               workers=workers, progress=progress)
@@ -560,7 +652,7 @@ def prepare(source: str, *, out: Path | None = None, tokenizer: str | Tokenizer 
             "tokenizer": {"name": tok.name, "sha256": tok.sha256, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
             "dtype": token_dtype(tok.vocab_size).name, "options": options, "splits": stats,
         }
-        write_json(tmp / MANIFEST, manifest)  # last: its presence marks the folder complete
+        files.write_json(tmp / MANIFEST, manifest)  # last: its presence marks the folder complete
     return _summary(out, manifest, unchanged=False, seconds=time.perf_counter() - started)
 
 
@@ -581,7 +673,8 @@ def _summary(out: Path, manifest: dict[str, Any], *, unchanged: bool, seconds: f
 
 
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:
-    """The manifest of a prepared data folder (raises DataError when the folder is not complete)."""
+    """The manifest of a prepared data folder, every field checked (DataError when the folder is not
+    complete, or the manifest is not one prepare wrote)."""
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
         why = ("does not exist" if not Path(data_dir).exists()
@@ -589,14 +682,82 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
         raise DataError(f"{data_dir} is not a prepared data folder: it {why}; "
                         f"run `gpt2lab prepare SOURCE --out {data_dir}`")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON ({e}); prepare the folder again") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise DataError(f"{path} is not a gpt2lab data manifest; prepare the folder again")
-    if manifest.get("version", 0) > FORMAT_VERSION:
-        raise DataError(f"{path} was written by a newer gpt2lab (version {manifest['version']}); upgrade gpt2lab")
+        manifest = files.read_record(path, format=MANIFEST_FORMAT, version=FORMAT_VERSION, error=DataError,
+                                     what="data manifest")
+    except DataError as e:
+        raise DataError(f"{e}; prepare the folder again to replace it") from None
+    _check_manifest(path, manifest)
     return manifest
+
+
+_COUNT = "an integer >= 0"
+
+
+def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """Every field the readers use has the shape prepare writes; else one DataError naming the file."""
+    def bad(where: str, problem: str) -> DataError:
+        return DataError(f"{path}: {where} {problem}; the manifest is damaged: prepare the folder again")
+
+    def get(obj: dict[str, Any], key: str, where: str, kind: str) -> Any:
+        where = f"{where}.{key}" if where else key
+        if key not in obj:
+            raise bad(where, "is missing")
+        value = obj[key]
+        ok = {"a string": isinstance(value, str), "an object": isinstance(value, dict),
+              "a list": isinstance(value, list), "a number or null": value is None or _is_number(value),
+              _COUNT: _is_int(value) and value >= 0, "a positive integer": _is_int(value) and value > 0}[kind]
+        if not ok:
+            raise bad(where, f"should be {kind}, not {_shown(value)}")
+        return value
+
+    get(manifest, "fingerprint", "", "a string")
+    get(get(manifest, "source", "", "an object"), "spec", "source", "a string")
+    get(manifest, "options", "", "an object")
+    tok = get(manifest, "tokenizer", "", "an object")
+    for key in ("name", "sha256"):
+        get(tok, key, "tokenizer", "a string")
+    vocab = get(tok, "vocab_size", "tokenizer", "a positive integer")
+    if get(tok, "eot_id", "tokenizer", _COUNT) >= vocab:
+        raise bad("tokenizer.eot_id", f"is {tok['eot_id']}, outside the vocabulary of {vocab} ids")
+    dtype = get(manifest, "dtype", "", "a string")
+    if dtype != token_dtype(vocab).name:
+        raise bad("dtype", f"is {_shown(dtype)}; a vocabulary of {vocab} ids is stored as {token_dtype(vocab).name}")
+    splits = get(manifest, "splits", "", "an object")
+    for split in SPLITS:
+        info = get(splits, split, "splits", "an object")
+        where = f"splits.{split}"
+        for key in ("documents", "tokens", "bytes"):
+            get(info, key, where, _COUNT)
+        get(info, "bytes_per_token", where, "a number or null")
+        shards = get(info, "shards", where, "a list")
+        for i, shard in enumerate(shards):
+            if not isinstance(shard, dict):
+                raise bad(f"{where}.shards[{i}]", f"should be an object, not {_shown(shard)}")
+            name = get(shard, "file", f"{where}.shards[{i}]", "a string")
+            if not _plain_name(name):
+                raise bad(f"{where}.shards[{i}].file", f"is {name!r}, not the plain name of a file in the folder")
+            get(shard, "tokens", f"{where}.shards[{i}]", _COUNT)
+            get(shard, "sha256", f"{where}.shards[{i}]", "a string")
+        if sum(s["tokens"] for s in shards) != info["tokens"]:
+            raise bad(f"{where}.tokens", f"is {info['tokens']}, but its shards hold {sum(s['tokens'] for s in shards)}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _plain_name(name: str) -> bool:
+    """A name that stays inside the folder: no separators, no `..`, nothing absolute, no NUL."""
+    return name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
 
 
 def load_tokenizer(data_dir: str | Path) -> Tokenizer:
@@ -622,12 +783,16 @@ class TokenShards:
                             "prepare it again with a validation split")
         self.data_dir, self.split = Path(data_dir), split
         self.vocab_size: int = manifest["tokenizer"]["vocab_size"]
+        self.dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
         self.paths = [self.data_dir / s["file"] for s in info["shards"]]
         counts = []
         for path, rec in zip(self.paths, info["shards"], strict=True):
             if not path.is_file():
                 raise DataError(f"{path} is missing; prepare the folder again")
-            self.dtype, count = read_shard_header(path)
+            dtype, count = read_shard_header(path)
+            if dtype != self.dtype:
+                raise DataError(f"{path} holds {dtype.itemsize}-byte tokens, but the manifest says {manifest['dtype']} "
+                                f"({self.dtype.itemsize} bytes); the shard is corrupt: prepare the folder again")
             if count != rec["tokens"]:
                 raise DataError(f"{path} holds {count} tokens, the manifest says {rec['tokens']}; prepare again")
             counts.append(count)
@@ -659,7 +824,17 @@ class TokenShards:
                 lo = pos - int(self.offsets[i])
                 out[row, filled:filled + take] = maps[i][lo:lo + take]
                 filled, pos = filled + take, pos + take
+        if out.size and out.max() >= self.vocab_size:  # one pass over the batch: cheap next to reading it
+            self._out_of_vocabulary(starts, out)
         return out
+
+    def _out_of_vocabulary(self, starts: np.ndarray, windows: np.ndarray) -> None:
+        row, col = (int(i) for i in np.argwhere(windows >= self.vocab_size)[0])
+        pos = int(starts[row]) + col
+        i = int(np.searchsorted(self.offsets, pos, side="right")) - 1
+        raise DataError(f"{self.paths[i]} ({self.split} split) holds token id {windows[row, col]} at token "
+                        f"{pos - int(self.offsets[i])}, outside the vocabulary of {self.vocab_size} ids: the shard "
+                        "is corrupt or from another tokenizer; prepare the folder again")
 
 
 class Loader:
@@ -690,8 +865,19 @@ class Loader:
         starts = rng.integers(0, self.shards.n_tokens - self.block_size, size=self.batch_size)
         return self._batch(starts)
 
+    @property
+    def max_eval_batches(self) -> int:
+        """The most eval batches worth taking: enough windows to cover the split once (at least 1).
+        More would only read the same tokens again, and a huge count could run for hours."""
+        windows = math.ceil((self.shards.n_tokens - 1) / self.block_size)  # each predicts block_size tokens
+        return max(1, math.ceil(windows / self.batch_size))
+
     def eval_batches(self, n: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """n fixed batches for validation, the same on every call: windows evenly spaced over the split."""
+        """min(n, max_eval_batches) fixed batches for validation, the same on every call: windows evenly
+        spaced over the split."""
+        if not isinstance(n, int) or n < 0:
+            raise DataError(f"the number of eval batches must be an integer >= 0, got {n!r}")
+        n = min(n, self.max_eval_batches)
         last = self.shards.n_tokens - self.block_size - 1
         starts = np.linspace(0, last, n * self.batch_size).round().astype(np.int64)
         for b in range(n):

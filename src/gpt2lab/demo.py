@@ -54,10 +54,10 @@ def demo(*, data: str | None = None, out: str = "runs/demo", vocab_size: int = D
         if vocab_size:
             tok_dir = learned_vocabulary(source, vocab_size, root)
             data_dir = root / "data" / tok_dir.name
-            datasets.prepare(source, out=data_dir, tokenizer=str(tok_dir))
+            datasets.prepare_own(source, data_dir, tokenizer=str(tok_dir))
         else:
             data_dir = root / "data" / "gpt2"
-            datasets.prepare(source, out=data_dir)
+            datasets.prepare_own(source, data_dir, tokenizer="gpt2")
     except FetchError as e:
         if data is None:
             raise FetchError(f"{NO_CORPUS_HELP} ({e})") from e
@@ -80,7 +80,7 @@ def learned_vocabulary(source: str, vocab_size: int, root: Path) -> Path:
             (Path(tmp) / "empty.txt").write_text(" ")  # 257 ids leave no room for merges: any text will do
             train_tokenizer([str(Path(tmp) / "empty.txt")], vocab_size=257, out=str(bytes_tok))
     bytes_dir = root / "data" / "bytes"
-    datasets.prepare(source, out=bytes_dir, tokenizer=str(bytes_tok))
+    datasets.prepare_own(source, bytes_dir, tokenizer=str(bytes_tok))
     folder = root / "tokenizers" / f"bpe{vocab_size}-{datasets.read_manifest(bytes_dir)['fingerprint'][:12]}"
     if (folder / "tokenizer.json").is_file():
         return folder
