@@ -5,7 +5,8 @@ gpt2lab's format is a folder holding
     model.safetensors  the weights in our (nn.Linear) layout, the tied head stored once
     tokenizer/         the tokenizer's record (see Tokenizer.save)
 plus whatever a trainer adds (train_state.pt). Folders are written under a temporary name and
-renamed into place, so a folder with this name is always complete.
+renamed into place (files.atomic_dir), so a folder with this name is always complete; a folder
+is written only where files.check_destination allows it.
 
 Hugging Face folders (written by GPT2LMHeadModel.save_pretrained) hold config.json and one of
 model.safetensors, a sharded model.safetensors.index.json, or pytorch_model.bin. Their Conv1D
@@ -14,13 +15,9 @@ weights are the transposes of ours; everything else maps one to one.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,10 +25,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import lora
+from . import files, lora
 from .config import GPTConfig
 from .errors import CheckpointError, TokenizerMismatch
 from .fetch import sha256_file
+from .files import atomic_dir, write_json
 from .model import GPT
 from .tokenizer import GPT2_SHA256, Tokenizer, read_record
 
@@ -46,37 +44,32 @@ HF_IGNORED = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
 
 # -- writing ---------------------------------------------------------------------------------
 
+# What gpt2lab writes into each kind of checkpoint folder (training runs add train_state.pt).
+OUR_NAMES = ("config.json", WEIGHTS, "tokenizer", FINETUNE_RECORD, "train_state.pt")
+HF_NAMES = ("config.json", WEIGHTS, "vocab.json", "merges.txt", "tokenizer_config.json", FINETUNE_RECORD)
+EXPORT_MARK = "gpt2lab_export"  # a key of the HF config.json gpt2lab writes: HF keeps it as an attribute
 
-@contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder that replaces `path` only once the block completes.
 
-    An existing `path` is moved aside first and removed only after the new folder is in place,
-    so a crash at any point leaves either the old or the new folder, never a partial one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+def written_by_gpt2lab(folder: Path, kind: Literal["gpt2lab", "hf"]) -> bool:
+    """Whether `folder` is a checkpoint of this kind that gpt2lab wrote, holding nothing else."""
     try:
-        yield tmp
-        for f in tmp.rglob("*"):  # data on disk before the rename makes it visible
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            path.rename(old)
-        tmp.rename(path)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        meta = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    if not isinstance(meta, dict):
+        return False
+    if kind == "gpt2lab":
+        return meta.get("format") == "gpt2lab" and files.only_names(folder, OUR_NAMES)
+    return EXPORT_MARK in meta and files.only_names(folder, HF_NAMES)
 
 
-def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+def check_destination(dst: str | Path, *, to: Literal["gpt2lab", "hf"], force: bool,
+                      sources: Iterable[str | Path] = ()) -> Path:
+    """files.check_destination for a checkpoint folder: only a gpt2lab-written one of the same kind
+    may be replaced (with force); never a run, a source or a folder holding one, or the user's files."""
+    what = "Hugging Face folder written by gpt2lab" if to == "hf" else "gpt2lab checkpoint"
+    return files.check_destination(dst, what=what, ours=lambda f: written_by_gpt2lab(f, to), force=force,
+                                   sources=sources)
 
 
 def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -96,25 +89,36 @@ def write_model_files(model: torch.nn.Module, folder: Path, tokenizer: Any = Non
         tokenizer.save(folder / "tokenizer")
 
 
-def save_checkpoint(model: torch.nn.Module, path: str | Path, *, tokenizer: Any = None) -> Path:
-    """Save `model` as a gpt2lab checkpoint folder at `path`, atomically."""
-    with atomic_dir(path) as tmp:
+def weights_bytes(model: torch.nn.Module) -> int:
+    """Bytes the model's weights take on disk (the tied head once)."""
+    return sum(t.numel() * t.element_size() for t in state_dict_for_saving(model).values())
+
+
+def save_checkpoint(model: torch.nn.Module, path: str | Path, *, tokenizer: Any = None,
+                    extra_files: Mapping[str, str] | None = None) -> Path:
+    """Save `model` as a gpt2lab checkpoint folder at `path`, atomically (check_destination first)."""
+    with atomic_dir(path, needed=weights_bytes(model)) as tmp:
         write_model_files(model, tmp, tokenizer)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
     return Path(path)
 
 
-def export_hf(model: torch.nn.Module, path: str | Path, *, tokenizer: Any = None) -> Path:
+def export_hf(model: torch.nn.Module, path: str | Path, *, tokenizer: Any = None,
+              extra_files: Mapping[str, str] | None = None) -> Path:
     """Write a folder that `transformers.GPT2LMHeadModel.from_pretrained` loads as is."""
     gpt = _unwrap(model)
     sd = {
         k: (v.t() if k.endswith(TRANSPOSED) else v).contiguous()
         for k, v in state_dict_for_saving(gpt).items()
     }
-    with atomic_dir(path) as tmp:
-        write_json(tmp / "config.json", gpt.config.to_hf())
+    with atomic_dir(path, needed=weights_bytes(gpt)) as tmp:
+        write_json(tmp / "config.json", gpt.config.to_hf() | {EXPORT_MARK: FORMAT_VERSION})
         save_file(sd, str(tmp / WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None and hasattr(tokenizer, "save_hf"):
             tokenizer.save_hf(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
     return Path(path)
 
 
@@ -342,7 +346,12 @@ def _weight_files(folder: Path, fmt: str) -> list[Path]:
         weight_map = read_config_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index} has no weight_map; the sharded checkpoint is corrupt")
-        return [folder / f for f in sorted(set(weight_map.values()))]
+        names = sorted(set(weight_map.values()))
+        for name in names:  # a shard index may only name files inside its own folder
+            if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+                raise CheckpointError(f"{index} names the weights file {name!r}, which is not inside {folder}; "
+                                      "gpt2lab loads only files from the checkpoint's own folder")
+        return [folder / f for f in names]
     if fmt == "hf" and (folder / "pytorch_model.bin").is_file():
         return [folder / "pytorch_model.bin"]
     raise CheckpointError(
@@ -404,15 +413,18 @@ def _our_name(hf_key: str) -> str | None:
 # -- conversion and inspection ---------------------------------------------------------------
 
 
-def convert(src: str, dst: str, *, to: Literal["hf", "gpt2lab"] = "gpt2lab") -> str:
+def convert(src: str, dst: str, *, to: Literal["hf", "gpt2lab"] = "gpt2lab", force: bool = False) -> str:
     """Convert a checkpoint between gpt2lab's format and a Hugging Face GPT-2 folder.
 
     src: a gpt2lab checkpoint, run folder, or HF folder
-    dst: the folder to write (replaced atomically if it exists)
+    dst: a new or empty folder to write
     to:  the format to write
+    force: replace DST if it holds a checkpoint of this kind that gpt2lab wrote (never anything else)
     """
-    model = load_model(src)
-    tokenizer = recorded_tokenizer(*resolve(src))  # carried across when the source has one
+    folder, fmt = resolve(src)
+    check_destination(dst, to=to, force=force, sources=[src, folder])
+    model = load_model(folder)
+    tokenizer = recorded_tokenizer(folder, fmt)  # carried across when the source has one
     if to == "hf":
         export_hf(model, dst, tokenizer=tokenizer)
     else:

@@ -33,23 +33,35 @@ import torch
 import torch.nn as nn
 
 from . import data as datasets
-from . import lora
+from . import files, lora
 from .checkpoint import (
     FINETUNE_RECORD,
     adapter_folder,
-    atomic_dir,
     base_reference,
+    check_destination,
     export_hf,
     latest_checkpoint,
     load_model,
     load_tokenizer,
     resolve,
+    save_checkpoint,
     write_model_files,
 )
-from .errors import DataError, TrainingError
+from .errors import ConfigError, DataError, TrainingError
 from .model import GPT, CausalSelfAttention
 from .tokenizer import Tokenizer
-from .train import METRICS, Batch, FitResult, Strategy, TrainConfig, fit, summary, val_bytes_per_token
+from .train import (
+    METRICS,
+    Batch,
+    FitResult,
+    Strategy,
+    TrainConfig,
+    fit,
+    open_run,
+    raise_if_stopped,
+    summary,
+    val_bytes_per_token,
+)
 
 DEFAULT_TEMPLATE = "### Prompt:\n{prompt}\n\n### Response:\n"
 DataFormat = Literal["auto", "text", "prompt-completion"]
@@ -109,7 +121,7 @@ class FinetuneConfig(TrainConfig):
         if self.lr == 0:
             object.__setattr__(self, "lr", 1e-3 if self.method == "lora" else 1e-4)
         if self.method not in ("full", "lora"):
-            raise ValueError(f"method must be full or lora, got {self.method!r}")
+            raise ConfigError(f"method must be full or lora, got {self.method!r}")
         self.lora()  # validates the LoRA fields
         super().__post_init__()
 
@@ -310,12 +322,11 @@ def _record_files(record: dict[str, Any]) -> dict[str, str]:
     return {FINETUNE_RECORD: json.dumps(record, indent=2) + "\n"}
 
 
-def _check_same_run(run_dir: Path, record: dict[str, Any]) -> None:
+def _check_same_run(ckpt: Path | None, record: dict[str, Any]) -> None:
     """A resumed fine-tuning run must keep its method, LoRA shape, data and template."""
-    ckpt = latest_checkpoint(run_dir)
     if ckpt is None or not (ckpt / FINETUNE_RECORD).is_file():
         return  # fit() says what is wrong
-    saved = json.loads((ckpt / FINETUNE_RECORD).read_text())
+    saved = files.read_json(ckpt / FINETUNE_RECORD, TrainingError, "fine-tuning record")
     for key in ("method", "lora", "data", "prompt_template"):
         if saved.get(key) != record.get(key):
             raise TrainingError(f"{ckpt} was fine-tuned with {key}={saved.get(key)!r}, but this run asks for "
@@ -336,13 +347,13 @@ class _Data:
 def _text_data(source: str, val_source: str, out: Path, tokenizer: Tokenizer, *, cfg: FinetuneConfig,
                micro: int, block: int, field: str, val_fraction: float) -> _Data:
     def prepared(spec: str, name: str, fraction: float) -> Path:
-        if (Path(spec) / datasets.MANIFEST).is_file():
+        if datasets.is_data_folder(spec):
             if datasets.load_tokenizer(spec).sha256 != tokenizer.sha256:
                 raise DataError(f"{spec} was prepared with another tokenizer than the model's; prepare the text again "
                                 "with the model's tokenizer (or give the text itself to finetune)")
             return Path(spec)
         folder = out / name
-        datasets.prepare(spec, out=folder, tokenizer=tokenizer, field=field, val_fraction=fraction)
+        datasets.prepare_own(spec, folder, tokenizer=tokenizer, field=field, val_fraction=fraction)
         return folder
 
     train_dir = prepared(source, "data", 0.0 if val_source else val_fraction)
@@ -428,52 +439,58 @@ def finetune(model: str, *, data: str, out: str, config: FinetuneConfig | None =
     if cfg.method == "lora" and adapter_folder(model) is not None:
         raise TrainingError(f"{model} is a LoRA adapter: merge it first (`gpt2lab lora merge {model} --out DIR`), "
                             "then fine-tune the merged checkpoint")
-    tokenizer = load_tokenizer(model)
-    base = base_reference(model) if cfg.method == "lora" else {"path": str(_resolved(model))}
-    cfg = dataclasses.replace(cfg, model=base["path"])
-    fmt = detect_format(data) if data_format == "auto" else data_format
-    if fmt == "prompt-completion":
-        check_template(template)
+    # The run folder first: a busy or finished --out is refused before anything is written into it.
+    run = open_run(run_dir, resume=resume)
+    try:
+        tokenizer = load_tokenizer(model)
+        base = base_reference(model) if cfg.method == "lora" else {"path": str(_resolved(model))}
+        cfg = dataclasses.replace(cfg, model=base["path"])
+        fmt = detect_format(data) if data_format == "auto" else data_format
+        if fmt == "prompt-completion":
+            check_template(template)
 
-    weights = load_for_finetuning(model, cfg, tokenizer)
-    block = cfg.block_size or weights.config.n_ctx
-    if block > weights.config.n_ctx:
-        raise TrainingError(f"block_size {block} exceeds the model's context of {weights.config.n_ctx}")
-    micro, _ = cfg.accumulation(1)
-    if fmt == "prompt-completion":
-        batches = _example_data(data, val_data, tokenizer, cfg=cfg, micro=micro, block=block, template=template,
-                                too_long=too_long, val_fraction=val_fraction)
-    else:
-        batches = _text_data(data, val_data, run_dir, tokenizer, cfg=cfg, micro=micro, block=block, field=field,
-                             val_fraction=val_fraction)
-    if cfg.patience and batches.val is None:
-        cfg = dataclasses.replace(cfg, patience=0)
+        weights = load_for_finetuning(model, cfg, tokenizer)
+        block = cfg.block_size or weights.config.n_ctx
+        if block > weights.config.n_ctx:
+            raise TrainingError(f"block_size {block} exceeds the model's context of {weights.config.n_ctx}")
+        micro, _ = cfg.accumulation(1)
+        if fmt == "prompt-completion":
+            batches = _example_data(data, val_data, tokenizer, cfg=cfg, micro=micro, block=block, template=template,
+                                    too_long=too_long, val_fraction=val_fraction)
+        else:
+            batches = _text_data(data, val_data, run_dir, tokenizer, cfg=cfg, micro=micro, block=block, field=field,
+                                 val_fraction=val_fraction)
+        if cfg.patience and batches.val is None:
+            cfg = dataclasses.replace(cfg, patience=0)
 
-    record = {
-        "format": "gpt2lab-finetune", "version": 1, "method": cfg.method, "base": base,
-        "lora": cfg.lora().to_dict() if cfg.method == "lora" else None,
-        "data": {"source": data, "format": fmt, "val_source": val_data or None},
-        "prompt_template": template if fmt == "prompt-completion" else None,
-    }
-    if resume:
-        _check_same_run(run_dir, record)
-    if cfg.method == "lora":
-        strategy = _lora_strategy(cfg.lora(), base, record)
-    else:
-        strategy = Strategy(save=write_model_files, extra_files=_record_files(record))
-    result = fit(weights, cfg, batches.train, val=batches.val, run_dir=run_dir, tokenizer=tokenizer,
-                 strategy=strategy, resume=resume, bytes_per_token=batches.bytes_per_token)
-    lines = [f"{cfg.method} fine-tuning: {lora.trainable_parameters(weights):,} of "
-             f"{sum(p.numel() for p in weights.parameters()):,} parameters trained", *batches.notes,
-             summary(result, run_dir)]
-    if (change := held_out_change(run_dir)) is not None:
-        lines.append(change)
-    best = best_checkpoint(run_dir, result)
-    if best is not None:
-        lines.append(f"best checkpoint: {best}")
-    if merge and best is not None:
-        lines.append(_merge(best, run_dir / "merged", hf=False))
-    return "\n".join(lines)
+        record = {
+            "format": "gpt2lab-finetune", "version": 1, "method": cfg.method, "base": base,
+            "lora": cfg.lora().to_dict() if cfg.method == "lora" else None,
+            "data": {"source": data, "format": fmt, "val_source": val_data or None},
+            "prompt_template": template if fmt == "prompt-completion" else None,
+        }
+        if resume:
+            _check_same_run(run.resume_from, record)
+        if cfg.method == "lora":
+            strategy = _lora_strategy(cfg.lora(), base, record)
+        else:
+            strategy = Strategy(save=write_model_files, extra_files=_record_files(record))
+        result = fit(weights, cfg, batches.train, val=batches.val, run_dir=run, tokenizer=tokenizer,
+                     strategy=strategy, resume=resume, bytes_per_token=batches.bytes_per_token)
+        lines = [f"{cfg.method} fine-tuning: {lora.trainable_parameters(weights):,} of "
+                 f"{sum(p.numel() for p in weights.parameters()):,} parameters trained", *batches.notes,
+                 summary(result, run_dir)]
+        if (change := held_out_change(run_dir)) is not None:
+            lines.append(change)
+        best = best_checkpoint(run_dir, result)
+        if best is not None:
+            lines.append(f"best checkpoint: {best}")
+        if merge and best is not None:
+            lines.append(_merge(best, run_dir / "merged", hf=False))
+        raise_if_stopped(result, "\n".join(lines))
+        return "\n".join(lines)
+    finally:
+        run.close()
 
 
 def _resolved(path: str) -> Path:
@@ -483,8 +500,8 @@ def _resolved(path: str) -> Path:
 def held_out_change(run_dir: str | Path) -> str | None:
     """"held-out loss A -> B": the base model's validation loss (step 0) and the run's best."""
     path = Path(run_dir) / METRICS
-    lines = path.read_text().splitlines() if path.is_file() else []
-    rows = [r for r in map(json.loads, filter(str.strip, lines)) if "val_loss" in r]
+    rows = files.read_jsonl(path, TrainingError) if path.is_file() else []
+    rows = [r for r in rows if isinstance(r, dict) and "val_loss" in r]
     if len(rows) < 2 or rows[0]["step"] != 0:
         return None
     best = min(rows[1:], key=lambda r: r["val_loss"])
@@ -496,8 +513,9 @@ def best_checkpoint(run_dir: str | Path, result: FitResult | None = None) -> Pat
     """The run's best checkpoint (best.json), else its newest."""
     run_dir = Path(run_dir)
     if (run_dir / "best.json").is_file():
-        best = run_dir / json.loads((run_dir / "best.json").read_text())["checkpoint"]
-        if best.is_dir():
+        name = files.read_json(run_dir / "best.json", TrainingError, "best-checkpoint record").get("checkpoint")
+        best = run_dir / str(name)
+        if isinstance(name, str) and Path(name).parent == Path("checkpoints") and best.is_dir():
             return best
     return result.checkpoint if result is not None and result.checkpoint else latest_checkpoint(run_dir)
 
@@ -505,12 +523,13 @@ def best_checkpoint(run_dir: str | Path, result: FitResult | None = None) -> Pat
 # -- `gpt2lab lora merge` --------------------------------------------------------------------
 
 
-def merge(adapter: str, *, out: str, hf: bool = False) -> str:
+def merge(adapter: str, *, out: str, hf: bool = False, force: bool = False) -> str:
     """Merge a LoRA adapter into its base and write a plain checkpoint (or, with --hf, an HF folder).
 
     adapter: a LoRA adapter folder (a checkpoint of a LoRA fine-tuning run), or the run folder (its best checkpoint)
-    out: the folder to write (replaced atomically if it exists)
+    out: a new or empty folder to write
     hf: write a Hugging Face GPT-2 folder instead of a gpt2lab checkpoint
+    force: replace OUT if it holds a checkpoint of this kind that gpt2lab wrote (never anything else)
     """
     folder = Path(adapter)
     if not lora.is_adapter(folder) and (best := best_checkpoint(folder)) is not None:
@@ -518,6 +537,8 @@ def merge(adapter: str, *, out: str, hf: bool = False) -> str:
     if adapter_folder(folder) is None:
         raise TrainingError(f"{adapter} is not a LoRA adapter (no {lora.ADAPTER_CONFIG}); full fine-tuning "
                             "checkpoints are plain already: use `gpt2lab convert` to export them")
+    base = lora.read_adapter_config(adapter_folder(folder))[1]["base"]["path"]
+    check_destination(out, to="hf" if hf else "gpt2lab", force=force, sources=[adapter, folder, base])
     return _merge(folder, Path(out), hf=hf)
 
 
@@ -525,14 +546,10 @@ def _merge(adapter: Path, out: Path, *, hf: bool) -> str:
     model = load_model(adapter)
     tokenizer = load_tokenizer(adapter)
     record = adapter / FINETUNE_RECORD  # the prompt template stays with the merged weights
+    extra = {FINETUNE_RECORD: record.read_text(encoding="utf-8")} if record.is_file() else {}
     if hf:
-        export_hf(model, out, tokenizer=tokenizer)
-        if record.is_file():
-            (out / FINETUNE_RECORD).write_text(record.read_text())
+        export_hf(model, out, tokenizer=tokenizer, extra_files=extra)
     else:
-        with atomic_dir(out) as tmp:
-            write_model_files(model, tmp, tokenizer)
-            if record.is_file():
-                (tmp / FINETUNE_RECORD).write_text(record.read_text())
+        save_checkpoint(model, out, tokenizer=tokenizer, extra_files=extra)
     return f"merged {adapter} into its base: {'HF folder' if hf else 'checkpoint'} {out}"
 

@@ -28,7 +28,6 @@ import math
 import os
 import platform
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -46,16 +45,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import data as datasets
-from . import distributed
-from .checkpoint import atomic_dir, latest_checkpoint, load_config, load_model, read_config_json, write_model_files
+from . import distributed, files
+from .checkpoint import load_config, load_model, read_config_json, weights_bytes, write_model_files
 from .config import PRESETS, GPTConfig, preset
-from .errors import TrainingError
+from .device import resolve_device
+from .errors import ConfigError, Stopped, TrainingError
 from .model import GPT
+from .rundir import METRICS, STATE_FILE, RunDir
 
 # (inputs, targets) or (inputs, targets, loss mask); all (B, T). The mask is 1 where a target counts.
 Batch = tuple[torch.Tensor, ...]
-STATE_FILE = "train_state.pt"
-METRICS = "metrics.jsonl"
 
 
 class Batches(Protocol):
@@ -147,33 +146,33 @@ class TrainConfig:
         positive = ("batch_size", "max_steps", "log_interval", "ckpt_interval", "keep_last", "eval_batches")
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("micro_batch", "block_size", "warmup_steps", "decay_steps", "eval_interval", "patience"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be 0 or positive, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be 0 or positive, got {getattr(self, name)}")
         for name in ("max_minutes", "weight_decay", "grad_clip", "peak_tflops", "min_lr"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+            raise ConfigError(f"lr must be positive, got {self.lr}")
         if self.min_lr > self.lr:
-            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+            raise ConfigError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError(f"AdamW betas must be in [0, 1), got ({self.beta1}, {self.beta2})")
+            raise ConfigError(f"AdamW betas must be in [0, 1), got ({self.beta1}, {self.beta2})")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+            raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.patience and not self.eval_interval:
-            raise ValueError("patience needs periodic evaluation: set eval_interval too")
+            raise ConfigError("patience needs periodic evaluation: set eval_interval too")
         if self.micro_batch and self.batch_size % self.micro_batch:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch ({self.micro_batch})")
+            raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch ({self.micro_batch})")
 
     def accumulation(self, world_size: int) -> tuple[int, int]:
         """(micro_batch, gradient accumulation steps) for `world_size` processes."""
         micro = self.micro_batch or self.batch_size // world_size
         if micro == 0 or self.batch_size % (micro * world_size):
-            raise ValueError(
+            raise ConfigError(
                 f"batch_size ({self.batch_size}) must be a multiple of micro_batch ({micro or '?'}) "
                 f"x processes ({world_size}); change --batch-size or --micro-batch"
             )
@@ -321,6 +320,7 @@ class FitResult:
     best_step: int | None = None
     best_val_loss: float | None = None
     elapsed_s: float = 0.0
+    signal: int | None = None  # the signal that stopped an interrupted run (SIGINT, SIGTERM)
 
 
 # -- run state ---------------------------------------------------------------------------------
@@ -425,16 +425,6 @@ class _RunLog:
             self.tb.close()
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past `step`: a resumed run redoes those steps and logs them again."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
-
-
 def provenance(cfg: TrainConfig, model: GPT, device: torch.device, world_size: int) -> dict[str, Any]:
     """Who ran what, where: git state, resolved configs, library versions and the device."""
     import gpt2lab
@@ -473,7 +463,7 @@ def plot_metrics(run_dir: str | Path) -> Path:
     from matplotlib.figure import Figure
 
     run_dir = Path(run_dir)
-    rows = [json.loads(line) for line in (run_dir / METRICS).read_text().splitlines() if line.strip()]
+    rows = [r for r in files.read_jsonl(run_dir / METRICS, TrainingError) if isinstance(r, dict)]
 
     def series(key: str, x: str = "step") -> tuple[list[float], list[float]]:
         pts = [(r[x], r[key]) for r in rows if key in r and x in r]
@@ -493,11 +483,7 @@ def plot_metrics(run_dir: str | Path) -> Path:
     ax2.set(xlabel="wall-clock (minutes)", title="Held-out quality against time",
             ylabel="validation bits per byte" if key == "val_bpb" else "validation loss (nats/token)")
     ax2.grid(alpha=0.3)
-    out = run_dir / "loss.png"
-    tmp = run_dir / ".loss.png.tmp"
-    fig.savefig(tmp, format="png", dpi=110)
-    tmp.replace(out)
-    return out
+    return files.atomic_write(run_dir / "loss.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
 # -- signals -----------------------------------------------------------------------------------
@@ -508,11 +494,12 @@ class _StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum: int | None = None
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:  # a second Ctrl-C: the user does not want to wait
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, signum
         print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step "
               "(press Ctrl-C again to quit without saving)", file=sys.stderr)
 
@@ -534,25 +521,12 @@ class _StopRequest:
 # -- the loop ----------------------------------------------------------------------------------
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` is this rank's GPU when there is one, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainingError(f"device {name!r} asked for but no CUDA GPU is available; use --device cpu")
-        if device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return device
-
-
 def fit(
     model: GPT,
     config: TrainConfig,
     batches: Batches,
     *,
-    run_dir: str | Path,
+    run_dir: str | Path | RunDir,
     val: EvalBatches | None = None,
     tokenizer: Any = None,
     strategy: Strategy | None = None,
@@ -566,22 +540,45 @@ def fit(
     val:             validation batches, val.eval_batches(n), or None for no evaluation
     tokenizer:       saved into every checkpoint (anything with .save(folder))
     strategy:        the loss and save/load hooks (default: plain language modelling)
+    run_dir:         the run folder, or a RunDir already opened for this run (the caller closes it)
     resume:          continue from run_dir's newest checkpoint (model, optimizer, step, RNG)
     bytes_per_token: validation bytes per token, to report validation loss in bits per byte
     on_step:         called after every optimizer step on every rank, with (step, metrics)
     """
+    if isinstance(run_dir, RunDir):
+        return _fit(model, config, batches, run_dir, val=val, tokenizer=tokenizer, strategy=strategy,
+                    bytes_per_token=bytes_per_token, on_step=on_step)
+    run = open_run(run_dir, resume=resume)
+    try:
+        return _fit(model, config, batches, run, val=val, tokenizer=tokenizer, strategy=strategy,
+                    bytes_per_token=bytes_per_token, on_step=on_step)
+    finally:
+        run.close()
+
+
+def open_run(path: str | Path, *, resume: bool) -> RunDir:
+    """Open a run folder on every rank: rank 0 locks and cleans it first, then the others read it."""
+    world = distributed.world()
+    run = RunDir.open(path, resume=resume) if world.is_main else None
+    distributed.barrier()
+    return run if run is not None else RunDir.open(path, resume=resume, writer=False)
+
+
+def _fit(model: GPT, config: TrainConfig, batches: Batches, run: RunDir, *, val: EvalBatches | None,
+         tokenizer: Any, strategy: Strategy | None, bytes_per_token: float | None,
+         on_step: Callable[[int, dict[str, float]], None] | None) -> FitResult:
     cfg, strategy = config, strategy or Strategy()
     world = distributed.world()
     device = resolve_device(cfg.device)
     _, accum = cfg.accumulation(world.size)
-    run_dir = Path(run_dir)
+    run_dir = run.path
     progress = _Progress()
-    ckpt = _open_run(run_dir, resume, world.is_main)
+    ckpt = run.resume_from
     model.to(device).train()
     model.gradient_checkpointing = cfg.gradient_checkpointing
     saved: dict[str, Any] | None = None
     if ckpt is not None:
-        saved = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+        saved = run.state
         _check_resumable(saved["config"], cfg, ckpt)
         known = {f.name for f in dataclasses.fields(_Progress)}
         progress = _Progress(**{k: v for k, v in saved["progress"].items() if k in known})
@@ -619,13 +616,23 @@ def fit(
     if ckpt is not None:
         runlog.info(f"resuming {run_dir} from {ckpt.name}")
 
-    def evaluate() -> tuple[float, float | None]:
-        loss = _evaluate(wrapped, val, cfg.eval_batches, strategy.loss, device, amp)
+    stop = _StopRequest()
+    n_eval = cfg.eval_batches
+    if val is not None and (most := getattr(val, "max_eval_batches", None)) is not None and n_eval > most:
+        runlog.info(f"--eval-batches {n_eval}: the validation split holds {most} batch(es) of distinct windows; "
+                    f"evaluating on {most}")
+        n_eval = most
+
+    def evaluate() -> tuple[float, float | None] | None:
+        """(loss, bits per byte), or None when a stop request cut the evaluation short."""
+        loss = _evaluate(wrapped, val, n_eval, strategy.loss, device, amp, stop)
         distributed.reshard(model)
+        if loss is None:
+            return None
         return loss, (loss / math.log(2) / bytes_per_token if bytes_per_token else None)
 
     def save(step: int) -> Path | None:
-        path = _save_checkpoint(run_dir, step, model, optimizer, strategy, tokenizer, cfg, progress)
+        path = _save_checkpoint(run, step, model, optimizer, strategy, tokenizer, cfg, progress)
         if path is not None:
             runlog.info(f"saved {path}")
         return path
@@ -635,13 +642,17 @@ def fit(
     budget = cfg.max_minutes * 60 if cfg.max_minutes and not cfg.decay_steps else 0.0  # a cosine over time
     window = _Window()
     try:
-        with _StopRequest().installed() as stop:
+        with stop.installed():
+            halted = False  # agreed by all ranks: a stop request came during the first evaluation
             if ckpt is None and val is not None and cfg.eval_interval:
-                result.val_loss, result.val_bpb = evaluate()
-                runlog.row({"step": 0, "elapsed_s": 0.0, "val_loss": result.val_loss}
-                           | ({"val_bpb": result.val_bpb} if result.val_bpb is not None else {}))
+                if (first := evaluate()) is None:
+                    halted, result.stop_reason = True, "interrupted"
+                else:
+                    result.val_loss, result.val_bpb = first
+                    runlog.row({"step": 0, "elapsed_s": 0.0, "val_loss": result.val_loss}
+                               | ({"val_bpb": result.val_bpb} if result.val_bpb is not None else {}))
             window.restart()
-            while progress.step < cfg.max_steps:
+            while progress.step < cfg.max_steps and not halted:
                 step = progress.step
                 spent = min(1.0, progress.elapsed / budget) if budget else None
                 lr = learning_rate(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup_steps,
@@ -661,7 +672,7 @@ def fit(
                 shared = distributed.all_reduce_sum(torch.cat([loss_sum.float().reshape(1), flags]))
                 train_loss, grad_norm = shared[0].item() / world.size, norm.item()
                 if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
-                    last = latest_checkpoint(run_dir)
+                    last = run.latest()
                     raise TrainingError(
                         f"training diverged at step {step + 1}: loss {train_loss}, gradient norm {grad_norm}; "
                         f"nothing was saved after {last or 'the start'}. Lower --lr or raise --warmup-steps, "
@@ -694,19 +705,23 @@ def fit(
                         runlog.bar.total = max(step, round(step * budget / progress.elapsed))
                 improved = False
                 if val is not None and ((cfg.eval_interval and step % cfg.eval_interval == 0) or last_step):
-                    result.val_loss, result.val_bpb = evaluate()
-                    row = row or {"step": step, "elapsed_s": round(progress.elapsed, 3)}
-                    row["val_loss"] = result.val_loss
-                    if result.val_bpb is not None:
-                        row["val_bpb"] = result.val_bpb
-                    improved = result.val_loss < progress.best_val
-                    if improved:
-                        progress.best_val, progress.best_step, progress.bad_evals = result.val_loss, step, 0
+                    evaluated = evaluate()
+                    if evaluated is None:  # stopped mid-evaluation: save and stop, logging no partial loss
+                        stopping, last_step = "interrupted", True
                     else:
-                        progress.bad_evals += 1
-                    if cfg.patience and progress.bad_evals >= cfg.patience and stopping is None:
-                        stopping = "early_stopping"
-                        last_step = True
+                        result.val_loss, result.val_bpb = evaluated
+                        row = row or {"step": step, "elapsed_s": round(progress.elapsed, 3)}
+                        row["val_loss"] = result.val_loss
+                        if result.val_bpb is not None:
+                            row["val_bpb"] = result.val_bpb
+                        improved = result.val_loss < progress.best_val
+                        if improved:
+                            progress.best_val, progress.best_step, progress.bad_evals = result.val_loss, step, 0
+                        else:
+                            progress.bad_evals += 1
+                        if cfg.patience and progress.bad_evals >= cfg.patience and stopping is None:
+                            stopping = "early_stopping"
+                            last_step = True
                     window.restart()  # evaluation time is not training throughput
                 if row:
                     runlog.row(row)
@@ -722,6 +737,8 @@ def fit(
     finally:
         runlog.close()
     result.step, result.elapsed_s = progress.step, progress.elapsed
+    if result.stop_reason == "interrupted":
+        result.signal = stop.signum or signal.SIGINT  # a rank that got no signal of its own stopped with rank 0
     if progress.best_step >= 0:
         result.best_step, result.best_val_loss = progress.best_step, progress.best_val
     if world.is_main and (run_dir / METRICS).is_file():
@@ -771,52 +788,41 @@ class _Window:
 
 @torch.no_grad()
 def _evaluate(model: nn.Module, val: EvalBatches, n: int, loss_fn: Callable[..., torch.Tensor],
-              device: torch.device, amp: Any) -> float:
-    """Mean loss over the fixed validation batches; ranks share them out and average."""
+              device: torch.device, amp: Any, stop: _StopRequest | None = None) -> float | None:
+    """Mean loss over the fixed validation batches; ranks share them out and average.
+    None when a stop request (on any rank) arrives before the evaluation ends."""
     world = distributed.world()
     n = -(-n // world.size) * world.size  # every rank runs as many forwards (FSDP needs lockstep)
     was_training = model.training
     model.eval()
     total = torch.zeros(2, device=device)
-    for i, batch in enumerate(val.eval_batches(n)):
-        if i % world.size == world.rank:
-            batch = tuple(t.to(device) for t in batch)
-            with amp:
-                total[0] += loss_fn(model(batch[0]), batch).float()
-            total[1] += 1
-    model.train(was_training)
+    try:
+        for i, batch in enumerate(val.eval_batches(n)):
+            # Once a round of world.size batches (a rank forwards one of them): the check's all-reduce
+            # must not fall between the collectives of two ranks' FSDP forwards.
+            if stop is not None and i % world.size == 0 and _any_rank(stop.requested, device):
+                return None
+            if i % world.size == world.rank:
+                batch = tuple(t.to(device) for t in batch)
+                with amp:
+                    total[0] += loss_fn(model(batch[0]), batch).float()
+                total[1] += 1
+    finally:
+        model.train(was_training)
     total = distributed.all_reduce_sum(total)
     if total[1].item() == 0:
         raise TrainingError("the validation set yielded no batches; prepare more data or pass no validation")
     return (total[0] / total[1]).item()
 
 
-def _open_run(run_dir: Path, resume: bool, is_main: bool) -> Path | None:
-    """Check run_dir against --resume; return the checkpoint to resume from (None: a fresh run)."""
-    ckpt = latest_checkpoint(run_dir)
-    if resume:
-        if ckpt is None:
-            raise TrainingError(f"--resume: {run_dir} has no complete checkpoint; drop --resume to start a new run")
-        if not (ckpt / STATE_FILE).is_file():
-            raise TrainingError(f"{ckpt} has no {STATE_FILE}: it is a model checkpoint, not a resumable run")
-    elif ckpt is not None:
-        raise TrainingError(f"{run_dir} already holds a run ({ckpt.name}); pass --resume to continue it "
-                            "or choose another --out")
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        metrics = run_dir / METRICS
-        if ckpt is None and metrics.is_file():  # an earlier attempt that never saved: keep its log aside
-            metrics.rename(run_dir / f"metrics-{datetime.fromtimestamp(metrics.stat().st_mtime):%Y%m%d-%H%M%S}.jsonl")
-        if ckpt is not None:
-            step = int(ckpt.name.removeprefix("step-"))
-            _truncate_metrics(run_dir / METRICS, step)
-            # Folders that a killed save left half-written; complete checkpoints are never touched.
-            for tmp in (run_dir / "checkpoints").glob(".step-*.tmp-*"):
-                shutil.rmtree(tmp, ignore_errors=True)
-    return ckpt
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` is set on any rank (one small all-reduce when distributed)."""
+    if not distributed.world().distributed:
+        return flag
+    return distributed.all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0
 
 
-def _save_checkpoint(run_dir: Path, step: int, model: GPT, optimizer: torch.optim.Optimizer,
+def _save_checkpoint(run: RunDir, step: int, model: GPT, optimizer: torch.optim.Optimizer,
                      strategy: Strategy, tokenizer: Any, cfg: TrainConfig, progress: _Progress) -> Path | None:
     """Write checkpoints/step-NNNNNNNN atomically (rank 0), then prune to the last K (and the best)."""
     world = distributed.world()
@@ -832,15 +838,14 @@ def _save_checkpoint(run_dir: Path, step: int, model: GPT, optimizer: torch.opti
             to_save.tie_weights()
     path = None
     if world.is_main:
-        path = _write_checkpoint(run_dir, step, to_save, optim_state, strategy, tokenizer, cfg, progress)
+        path = _write_checkpoint(run, step, to_save, optim_state, strategy, tokenizer, cfg, progress)
     distributed.barrier()  # no rank goes on (to a resume, say) before the checkpoint is complete
     return path
 
 
-def _write_checkpoint(run_dir: Path, step: int, model: nn.Module, optim_state: dict[str, Any], strategy: Strategy,
+def _write_checkpoint(run: RunDir, step: int, model: nn.Module, optim_state: dict[str, Any], strategy: Strategy,
                       tokenizer: Any, cfg: TrainConfig, progress: _Progress) -> Path:
     """The checkpoint folder itself: model files (through the strategy), extra files, train_state.pt."""
-    path = run_dir / "checkpoints" / f"step-{step:08d}"
     state = {
         "format": "gpt2lab-train", "version": 1,
         "progress": dataclasses.asdict(progress),
@@ -850,26 +855,19 @@ def _write_checkpoint(run_dir: Path, step: int, model: nn.Module, optim_state: d
         "optimizer": optim_state,
         "rng": _rng_state(),
     }
-    with atomic_dir(path) as tmp:
+
+    def write(tmp: Path) -> None:
         strategy.save(model, tmp, tokenizer)
         for name, text in strategy.extra_files.items():
-            (tmp / name).write_text(text)
+            (tmp / name).write_text(text, encoding="utf-8")
         torch.save(state, tmp / STATE_FILE)
+
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    path = run.save(step, write, needed=weights_bytes(model) + 2 * trainable)  # + AdamW's two moments
     if cfg.keep_best and progress.best_step == step:
-        best = run_dir / "best.json"
-        tmp_best = run_dir / ".best.json.tmp"
-        tmp_best.write_text(json.dumps({"step": step, "checkpoint": str(path.relative_to(run_dir)),
-                                        "val_loss": progress.best_val}, indent=2) + "\n")
-        tmp_best.replace(best)
-    _prune(run_dir, cfg.keep_last, progress.best_step if cfg.keep_best else -1)
+        run.mark_best(step, progress.best_val)
+    run.prune(cfg.keep_last, progress.best_step if cfg.keep_best else -1)
     return path
-
-
-def _prune(run_dir: Path, keep_last: int, best_step: int) -> None:
-    complete = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / STATE_FILE).is_file())
-    for old in complete[:-keep_last]:
-        if old.name != f"step-{best_step:08d}":
-            shutil.rmtree(old)
 
 
 # -- `gpt2lab train` ---------------------------------------------------------------------------
@@ -913,7 +911,17 @@ def train(*, data: str, out: str, config: TrainConfig | None = None, resume: boo
     resume: continue the run in --out from its newest checkpoint
     """
     result = pretrain(data, out, config or TrainConfig(), resume=resume)
-    return summary(result, out) if int(os.environ.get("RANK", "0")) == 0 else None  # rank 0 reports
+    report = summary(result, out) if int(os.environ.get("RANK", "0")) == 0 else ""  # rank 0 reports
+    raise_if_stopped(result, report)
+    return report or None
+
+
+def raise_if_stopped(result: FitResult, report: str) -> None:
+    """Raise Stopped for a run that a signal stopped (it saved first): the CLI exits 128 + signal."""
+    if result.signal is not None:
+        where = f"saved {result.checkpoint}; continue with --resume" if result.checkpoint else "nothing to save yet"
+        raise Stopped(f"stopped by {signal.Signals(result.signal).name} at step {result.step} ({where})",
+                      report=report, signum=result.signal)
 
 
 def pretrain(data: str | Path, out: str | Path, cfg: TrainConfig, *, resume: bool = False) -> FitResult:
@@ -922,22 +930,26 @@ def pretrain(data: str | Path, out: str | Path, cfg: TrainConfig, *, resume: boo
     joined = not distributed.world().distributed  # a group we join here is ours to leave
     world = distributed.init_from_env(resolve_device(cfg.device).type)
     try:
-        tokenizer = datasets.load_tokenizer(data)
-        manifest = datasets.read_manifest(data)
-        if resume and (ckpt := latest_checkpoint(out)) is not None:
-            model_cfg = load_config(ckpt)  # the run's own architecture; fit() checks the rest
-        else:
-            model_cfg = model_config(cfg.model, vocab_size=tokenizer.vocab_size, dropout=cfg.dropout)
-        block = cfg.block_size or model_cfg.n_ctx
-        if block > model_cfg.n_ctx:
-            raise TrainingError(f"block_size {block} exceeds the model's context of {model_cfg.n_ctx}")
-        micro, _ = cfg.accumulation(world.size)
-        loaders = {split: datasets.Loader(data, split, batch_size=micro, block_size=block, seed=cfg.seed)
-                   for split in ("train", "val")}
-        torch.manual_seed(cfg.seed)
-        model = GPT(model_cfg)
-        return fit(model, cfg, loaders["train"], val=loaders["val"], run_dir=out, tokenizer=tokenizer,
-                   resume=resume, bytes_per_token=val_bytes_per_token(manifest))
+        run = open_run(out, resume=resume)  # first: a busy, wrong or finished --out fails before any work
+        try:
+            tokenizer = datasets.load_tokenizer(data)
+            manifest = datasets.read_manifest(data)
+            if run.resume_from is not None:
+                model_cfg = load_config(run.resume_from)  # the run's own architecture; fit() checks the rest
+            else:
+                model_cfg = model_config(cfg.model, vocab_size=tokenizer.vocab_size, dropout=cfg.dropout)
+            block = cfg.block_size or model_cfg.n_ctx
+            if block > model_cfg.n_ctx:
+                raise TrainingError(f"block_size {block} exceeds the model's context of {model_cfg.n_ctx}")
+            micro, _ = cfg.accumulation(world.size)
+            loaders = {split: datasets.Loader(data, split, batch_size=micro, block_size=block, seed=cfg.seed)
+                       for split in ("train", "val")}
+            torch.manual_seed(cfg.seed)
+            model = GPT(model_cfg)
+            return fit(model, cfg, loaders["train"], val=loaders["val"], run_dir=run, tokenizer=tokenizer,
+                       bytes_per_token=val_bytes_per_token(manifest))
+        finally:
+            run.close()
     finally:
         if joined:
             distributed.shutdown()

@@ -1,0 +1,208 @@
+"""A training run folder: its one writer, its checkpoints, and recovery from what crashes leave.
+
+    RUN/.gpt2lab.lock                 held (flock) by the one process writing the run
+    RUN/checkpoints/step-NNNNNNNN/    complete checkpoints only: written under a temporary name
+                                      and renamed in; deleted by renaming them away first
+    RUN/best.json                     the best checkpoint, when the run keeps one
+    RUN/metrics.jsonl ...             the loop's logs (train.py)
+
+Opening a run takes the lock, cleans what killed processes left (temporary and half-deleted
+checkpoint folders, incomplete `step-*` folders from older versions), repairs a torn last line of
+metrics.jsonl, and, to resume, picks the newest checkpoint whose training state reads back,
+falling back to an older one with a warning when the newest is corrupt.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from . import files
+from .errors import TrainingError
+
+STATE_FILE = "train_state.pt"
+METRICS = "metrics.jsonl"
+BEST = "best.json"
+_STEP = re.compile(r"^step-(\d{8})$")
+# A checkpoint's model files: a full model, or a LoRA adapter (lora.py's names).
+_WEIGHTS = ("model.safetensors", "adapter.safetensors")
+
+
+def _warn(message: str) -> None:
+    print(f"gpt2lab: warning: {message}", file=sys.stderr)
+
+
+def step_of(folder: Path) -> int:
+    return int(folder.name.removeprefix("step-"))
+
+
+class RunDir:
+    """One training run's folder. `open` it, write checkpoints with `save`, `close` it at the end."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        self.resume_from: Path | None = None  # set by open(resume=True)
+        self.state: dict[str, Any] | None = None  # that checkpoint's train_state.pt
+        self._lock: files.FolderLock | None = None
+
+    # -- opening ------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path, *, resume: bool, writer: bool = True) -> RunDir:
+        """Open a run for a fresh start or a resume. The writer (rank 0) locks and cleans the folder;
+        other ranks only read. Raises TrainingError, with one line, when that cannot be done."""
+        run = cls(path)
+        run._check_path()
+        if writer:
+            run._lock = files.FolderLock(run.path, what="--out").acquire()
+            try:
+                run._clean()
+            except BaseException:
+                run.close()
+                raise
+        try:
+            if resume:
+                run._pick_resume_checkpoint()
+            elif (ckpt := run.latest()) is not None:
+                raise TrainingError(f"{run.path} already holds a run ({ckpt.name}); pass --resume to continue it "
+                                    "or choose another --out")
+            if writer:
+                run._prepare_metrics()
+        except BaseException:
+            run.close()
+            raise
+        return run
+
+    def _check_path(self) -> None:
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise TrainingError(f"--out {p} is a file; give a folder for the run (new, or one to --resume)")
+        if any(q.exists() and not q.is_dir() for q in p.parents):
+            raise TrainingError(f"--out {p} lies under a file; give a folder path")
+        if p.is_dir() and any(p.iterdir()) and not files.is_run_folder(p):
+            names = sorted(q.name for q in p.iterdir())
+            raise TrainingError(f"--out {p} holds files that are not a gpt2lab run ({', '.join(names[:3])}"
+                                f"{', ...' if len(names) > 3 else ''}); give a new or empty folder")
+
+    def _clean(self) -> None:
+        """Remove what killed runs left in checkpoints/. Under the lock, no other process writes
+        there, so every temporary name is a leftover, whatever PID it carries."""
+        if not self.checkpoints.is_dir():
+            return
+        files.clean_leftovers(self.checkpoints)
+        for entry in sorted(self.checkpoints.iterdir()):
+            if entry.name.startswith(".step-") and ".tmp-" in entry.name:
+                shutil.rmtree(entry, ignore_errors=True)
+                _warn(f"removed {entry}, a checkpoint that a killed run left half-written")
+            elif _STEP.match(entry.name) and entry.is_dir() and not self.complete(entry):
+                files.remove_dir(entry)
+                _warn(f"removed {entry}, an incomplete checkpoint that a killed run left behind")
+
+    @staticmethod
+    def complete(folder: Path) -> bool:
+        """Whether a step folder holds a whole checkpoint: training state, config and weights."""
+        return ((folder / STATE_FILE).is_file() and any((folder / w).is_file() for w in _WEIGHTS)
+                and ((folder / "config.json").is_file() or (folder / "adapter.json").is_file()))
+
+    def steps(self) -> list[Path]:
+        """The complete checkpoint folders, oldest first."""
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted(p for p in self.checkpoints.iterdir() if _STEP.match(p.name) and self.complete(p))
+
+    def latest(self) -> Path | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def _pick_resume_checkpoint(self) -> None:
+        steps = self.steps()
+        if not steps:
+            raise TrainingError(f"--resume: {self.path} has no complete checkpoint; drop --resume to start a new run")
+        problems = []
+        for ckpt in reversed(steps):
+            try:
+                self.state = _read_state(ckpt)
+            except ValueError as e:
+                problems.append(str(e))
+                continue
+            for problem in problems:
+                _warn(f"{problem}; skipping that checkpoint")
+            if problems:
+                _warn(f"resuming from {ckpt.name}, the newest checkpoint that reads back")
+            self.resume_from = ckpt
+            return
+        raise TrainingError(f"--resume: no checkpoint of {self.path} reads back ({problems[0]}; "
+                            f"{len(problems)} checked); start a new run in another --out")
+
+    def _prepare_metrics(self) -> None:
+        """Make metrics.jsonl agree with where the run starts: a torn last line is cut, lines past
+        the resumed step are dropped (they will be logged again), and a fresh start sets aside the
+        log of an earlier attempt that never saved."""
+        metrics = self.path / METRICS
+        if not metrics.is_file():
+            return
+        if self.resume_from is None:
+            from datetime import datetime
+
+            stamp = datetime.fromtimestamp(metrics.stat().st_mtime)
+            metrics.rename(self.path / f"metrics-{stamp:%Y%m%d-%H%M%S}.jsonl")
+            return
+        step = step_of(self.resume_from)
+        rows = files.read_jsonl(metrics, TrainingError, repair=True)
+        kept = [r for r in rows if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= step]
+        if len(kept) != len(rows):
+            files.atomic_write(metrics, "".join(json.dumps(r) + "\n" for r in kept))
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def save(self, step: int, write: Callable[[Path], None], *, needed: int | None = None) -> Path:
+        """Write checkpoints/step-NNNNNNNN atomically: `write` fills a temporary folder."""
+        path = self.checkpoints / f"step-{step:08d}"
+        with files.atomic_dir(path, needed=needed) as tmp:
+            write(tmp)
+        return path
+
+    def mark_best(self, step: int, val_loss: float) -> None:
+        files.write_json(self.path / BEST, {"step": step, "checkpoint": f"checkpoints/step-{step:08d}",
+                                            "val_loss": val_loss})
+
+    def prune(self, keep_last: int, keep_step: int = -1) -> None:
+        """Keep the newest `keep_last` checkpoints (and step `keep_step`); each older one is renamed
+        out of sight before it is deleted, so a kill mid-delete never leaves a step-* folder behind."""
+        for old in self.steps()[:-keep_last]:
+            if step_of(old) != keep_step:
+                files.remove_dir(old)
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+
+def _read_state(ckpt: Path) -> dict[str, Any]:
+    """A checkpoint's training state, once it and the weights' header read back; else ValueError
+    saying which file a crash or a disk damaged."""
+    state = ckpt / STATE_FILE
+    try:
+        loaded = torch.load(state, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError or UnpicklingError for a damaged file
+        raise ValueError(f"{state} is unreadable ({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
+    if not isinstance(loaded, dict) or not {"progress", "optimizer", "rng", "config"} <= set(loaded):
+        raise ValueError(f"{state} is not a gpt2lab training state")
+    for name in _WEIGHTS:
+        if (ckpt / name).is_file():
+            try:
+                with safe_open(str(ckpt / name), framework="pt") as f:
+                    f.keys()
+            except Exception as e:  # safetensors checks the header against the file's length
+                raise ValueError(f"{ckpt / name} is unreadable ({' '.join(str(e).split())[:120]})") from None
+    return loaded
