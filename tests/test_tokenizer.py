@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -17,10 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gpt2lab import GPT, GPTConfig, Tokenizer, load_model, load_tokenizer, save_checkpoint
+from gpt2lab import tokenizer as tokenizer_module
 from gpt2lab.checkpoint import convert, export_hf
 from gpt2lab.cli import main
 from gpt2lab.errors import GPT2LabError, TokenizerError, TokenizerMismatch
-from gpt2lab.tokenizer import EOT, GPT2_PACKAGE, _chunks, _split, train_tokenizer
+from gpt2lab.tokenizer import EOT, GPT2_PACKAGE, _chunks, _split, decode_ids, train_tokenizer
 
 # -- oracles -----------------------------------------------------------------------------------
 
@@ -686,3 +688,202 @@ def test_convert_carries_the_tokenizer_both_ways(tok, tmp_path):
     assert load_tokenizer(tmp_path / "back") == small
     export_hf(model, tmp_path / "plain")  # no tokenizer given: none written, GPT-2's assumed
     assert load_tokenizer(tmp_path / "plain") is tok
+
+
+# -- command line: bad input is a one-line error, files are never lost -----------------------------
+
+
+def cli_error(argv: list[str], capsys) -> str:
+    """Run a command that must fail as the user's fault: exit code 2, one line, no traceback."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gpt2lab: error:") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("bad, token", [
+    ("[true, false]", "true"), ("[1, false]", "false"), ("[1.0]", "1.0"), ("[1e3]", "1e3"), ("[NaN]", "NaN"),
+    ('["7"]', '"7"'), ("[[7]]", "[7]"), ("[null]", "null"),
+    ("1_000", "1_000"), ("\u0663", "\u0663"), ("1 \uff17", "\uff17"), ("+5", "+5"), ("0x10", "0x10"),
+    ("1.0", "1.0"), ("1e3", "1e3"), ("7\u00a08", "7\u00a08"), ("1, 2", "1,"), ("true", "true"),
+])
+def test_decode_accepts_only_integer_ids(tok, bad, token, tmp_path, capsys):
+    f = tmp_path / "ids.txt"
+    f.write_text(bad, encoding="utf-8")
+    with pytest.raises(TokenizerError, match=f"^{re.escape(str(f))}: {re.escape(repr(token))} .*not a token id"):
+        decode_ids([str(f)])
+    assert "not a token id" in cli_error(["tokenizer", "decode", "--input", str(f)], capsys)
+
+
+@pytest.mark.parametrize("bad, token", [("-1", "-1"), ("[-1]", "-1"), ("50257", "50257"), ("9" * 5000, "9" * 40),
+                                        (f"[{'9' * 30}]", "9" * 30)])
+def test_decode_rejects_ids_out_of_range(tok, bad, token, tmp_path, capsys):
+    f = tmp_path / "ids.txt"
+    f.write_text(bad, encoding="utf-8")
+    with pytest.raises(TokenizerError, match=f"^{re.escape(str(f))}: token id '{token}.*not in vocabulary gpt2"):
+        decode_ids([str(f)])
+    cli_error(["tokenizer", "decode", "--input", str(f)], capsys)
+
+
+def test_decode_rejects_json_nested_too_deep(tok, tmp_path, capsys):
+    f = tmp_path / "ids.txt"
+    f.write_text("[" * 100_000, encoding="utf-8")
+    assert "not a JSON list of token ids" in cli_error(["tokenizer", "decode", "--input", str(f)], capsys)
+
+
+def test_decode_still_reads_plain_and_json_ids(tok, tmp_path):
+    ids = tok.encode("Hello world")
+    f = tmp_path / "ids.txt"
+    f.write_text("\n " + "\t".join(map(str, ids)) + " \r\n", encoding="utf-8")
+    assert decode_ids([str(f)]) == "Hello world"
+    f.write_text(json.dumps(ids) + "\n", encoding="utf-8")
+    assert decode_ids([str(f)]) == "Hello world"
+    f.write_text("", encoding="utf-8")
+    assert decode_ids([str(f)]) == ""
+
+
+def test_decode_output_is_the_tokens_bytes(tok, tmp_path, capsys):
+    ids = tok.encode("a😀b漢")
+    f = tmp_path / "ids.txt"
+    for cut in range(1, len(ids) + 1):
+        f.write_text(" ".join(map(str, ids[:cut])))
+        out = tmp_path / f"out-{cut}.bin"
+        msg = run_cli(["tokenizer", "decode", "--input", str(f), "--output", str(out)], capsys)
+        assert out.read_bytes() == tok.decode_bytes(ids[:cut]) and str(out) in msg
+    # The first of the emoji's tokens holds part of a character: the file gets those bytes, not U+FFFD.
+    first = tok.encode("😀")[:1]
+    f.write_text(str(first[0]))
+    out = tmp_path / "partial.bin"
+    run_cli(["tokenizer", "decode", "--input", str(f), "--output", str(out)], capsys)
+    assert out.read_bytes() == tok.token_bytes(first[0]) and out.read_bytes() in "😀".encode()
+    assert b"\xef\xbf\xbd" not in out.read_bytes()
+    assert run_cli(["tokenizer", "decode", "--input", str(f)], capsys) == "\ufffd\n"  # stdout: text
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
+def test_decode_output_must_be_a_file_path(tok, tmp_path, capsys):
+    f = tmp_path / "ids.txt"
+    f.write_text("15496")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    assert "is a folder" in cli_error(["tokenizer", "decode", "--input", str(f), "--output", str(folder)], capsys)
+    assert list(folder.iterdir()) == []
+    for under_a_file in (f / "out.txt", f / "deeper" / "out.txt"):
+        err = cli_error(["tokenizer", "decode", "--input", str(f), "--output", str(under_a_file)], capsys)
+        assert f"{f} is a file" in err
+    assert f.read_text() == "15496"
+
+
+def tiny_corpus(tmp_path: Path) -> Path:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat, the cat sat.\n" * 20, encoding="utf-8")
+    return corpus
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Training that fails the test if it starts: the checks must come first."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started before the arguments were checked")
+
+    monkeypatch.setattr(tokenizer_module, "_chunks", refuse)
+
+
+def test_train_checks_the_destination_before_training(tmp_path, capsys, no_training):
+    corpus = tiny_corpus(tmp_path)
+    existing = tmp_path / "notes.txt"
+    existing.write_text("mine")
+    for out in (existing, existing / "vocab", corpus):
+        cli_error(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "260", "--out", str(out)], capsys)
+    assert existing.read_text() == "mine"
+    # A source inside the destination would be destroyed with it.
+    inside = tmp_path / "vocab"
+    inside.mkdir()
+    src = inside / "corpus.txt"
+    src.write_text("the cat")
+    err = cli_error(["tokenizer", "train", "--input", str(src), "--vocab-size", "260", "--out", str(inside)], capsys)
+    assert "source" in err and src.read_text() == "the cat"
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--min-frequency", "-1"), ("--min-frequency", "0"), ("--min-frequency", str(2**64)),
+    ("--vocab-size", "256"), ("--vocab-size", "-5"), ("--vocab-size", str(2**40)),
+])
+def test_train_rejects_options_out_of_range_before_training(tmp_path, capsys, no_training, option, value):
+    corpus = tiny_corpus(tmp_path)
+    err = cli_error(["tokenizer", "train", "--input", str(corpus), "--out", str(tmp_path / "v"), option, value],
+                    capsys)
+    assert option in err
+    assert not (tmp_path / "v").exists()
+
+
+def test_train_never_replaces_a_users_files(tmp_path, capsys, no_training):
+    corpus = tiny_corpus(tmp_path)
+    out = tmp_path / "vocab"
+    out.mkdir()
+    for name, content in (("tokenizer.json", b'{"model": "mine"}'), ("encoder.json", b"{}"), ("vocab.bpe", b"x")):
+        user = out / name
+        user.write_bytes(content)
+        for force in ([], ["--force"]):
+            err = cli_error(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "260", "--out", str(out),
+                             *force], capsys)
+            assert "did not write" in err
+        assert user.read_bytes() == content
+        user.unlink()
+    # Our record, but beside a file of the user's: still not ours to replace.
+    (out / "tokenizer.json").write_text(json.dumps({"format": "gpt2lab-tokenizer", "version": 1}))
+    (out / "notes.txt").write_text("mine")
+    cli_error(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "260", "--out", str(out), "--force"],
+              capsys)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_train_replaces_its_own_tokenizer_only_with_force(tmp_path, capsys):
+    corpus = tiny_corpus(tmp_path)
+    out = tmp_path / "vocab"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder in (out, empty):  # a missing or an empty folder is fine
+        run_cli(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "260", "--out", str(folder)], capsys)
+    first = Tokenizer.from_dir(out)
+    assert first.vocab_size == 260 and Tokenizer.from_dir(empty) == first
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    err = cli_error(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "262", "--out", str(out)], capsys)
+    assert "--force" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    run_cli(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "262", "--out", str(out), "--force"],
+            capsys)
+    assert Tokenizer.from_dir(out).vocab_size == 262
+    assert sorted(p.name for p in out.iterdir()) == ["encoder.json", "tokenizer.json", "vocab.bpe"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "empty", "vocab"]  # nothing left aside
+
+
+def test_train_rejects_text_that_is_not_utf8(tmp_path, capsys):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(b"the cat sat " * 10 + b"caf\xe9")
+    for size in (1000, 41, 7):  # the bad byte inside a block, and first in one (123 = 3 * 41)
+        with pytest.raises(TokenizerError, match=r"latin1.txt is not UTF-8 text \(bad byte at offset 123\)"):
+            list(_chunks([bad], type("Bar", (), {"update": lambda self, n: None})(), size=size))
+    out = tmp_path / "v"
+    assert main(["tokenizer", "train", "--input", str(bad), "--vocab-size", "260", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+    assert err.startswith("gpt2lab: error:") and "not UTF-8" in err
+    assert not out.exists()
+
+
+def test_corrupt_tokenizer_folders_are_one_line_errors(tmp_path, capsys):
+    from gpt2lab.tokenizer import byte_to_unicode
+
+    text = tmp_path / "t.txt"
+    text.write_text("the cat")
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    spec = {"model": {"type": "BPE", "vocab": {c: i for i, c in enumerate(byte_to_unicode().values())},
+                      "merges": ["a b c"]},
+            "normalizer": None, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False}}
+    for content, says in ((json.dumps({"format": "gpt2lab-tokenizer", "version": "1"}), "not a whole number"),
+                          (json.dumps(spec), "not a pair of tokens")):
+        (folder / "tokenizer.json").write_text(content)
+        with pytest.raises(TokenizerError, match=says):
+            Tokenizer.from_dir(folder)
+        assert says in cli_error(["tokenizer", "encode", "--input", str(text), "--tokenizer", str(folder)], capsys)

