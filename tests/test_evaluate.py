@@ -1,10 +1,13 @@
 """Evaluation against an oracle: every metric recomputed with transformers' GPT2LMHeadModel and plain torch
 on the same random weights, which gpt2lab reads through load_model from the folder HF wrote."""
 
+import errno
 import json
 import math
+import os
 import random
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +20,7 @@ from hypothesis import strategies as st
 from gpt2lab import evaluate as ev
 from gpt2lab.checkpoint import load_model, load_tokenizer
 from gpt2lab.cli import main
-from gpt2lab.errors import TaskFormatError
+from gpt2lab.errors import ConfigError, TaskFormatError
 from gpt2lab.fetch import cache_dir
 from gpt2lab.model import GPT
 from gpt2lab.tokenizer import EOT, Tokenizer, Vocabulary
@@ -298,19 +301,61 @@ def test_bigbench_names_resolve_in_the_fetched_package(models, tmp_path, monkeyp
     tasks = cache_dir() / "packages" / "bigbench-1.0.0" / "bigbench" / "benchmark_tasks"
     (tasks / "riddle_sense").mkdir(parents=True, exist_ok=True)
     (tasks / "riddle_sense" / "task.json").write_text(json.dumps(BIGBENCH))
-    (tasks / "riddles").mkdir(exist_ok=True)
-    (tasks / "riddles" / "task.json").write_text(json.dumps({"name": "riddles", "description": "two subtasks"}))
-    for sub in ("easy", "hard"):
-        (tasks / "riddles" / sub).mkdir(parents=True, exist_ok=True)
-        (tasks / "riddles" / sub / "task.json").write_text(json.dumps(BIGBENCH))
+    split = tasks / "cause_and_effect"  # a real task that BIG-bench splits into subtasks
+    split.mkdir(exist_ok=True)
+    (split / "task.json").write_text(json.dumps({"name": "cause_and_effect", "description": "two subtasks"}))
+    for sub in ("one_sentence", "two_sentences"):
+        (split / sub).mkdir(parents=True, exist_ok=True)
+        (split / sub / "task.json").write_text(json.dumps(BIGBENCH))
     assert ev.bigbench_path("bigbench:riddle_sense") == tasks / "riddle_sense" / "task.json"
     result = ev.evaluate_model(ours, tok, task="multiple-choice", data="bigbench:riddle_sense", limit=2)
     assert result["n_examples"] == 2
-    assert ev.bigbench_path("bigbench:riddles/hard") == tasks / "riddles" / "hard" / "task.json"
+    assert ev.bigbench_path("bigbench:cause_and_effect/two_sentences") == split / "two_sentences" / "task.json"
     with pytest.raises(TaskFormatError, match="did you mean riddle_sense"):
         ev.bigbench_path("bigbench:riddle")
-    with pytest.raises(TaskFormatError, match=r"subtasks \(easy, hard\); name one, e.g. bigbench:riddles/easy"):
-        ev.bigbench_path("bigbench:riddles")
+    with pytest.raises(TaskFormatError, match=r"subtasks \(one_sentence, two_sentences\); name one, "
+                                              r"e.g. bigbench:cause_and_effect/one_sentence"):
+        ev.bigbench_path("bigbench:cause_and_effect")
+    # Subtasks are only known once the package is there; a wrong one still gets suggestions.
+    with pytest.raises(TaskFormatError, match=r"no subtask 'two_sentence' \(did you mean two_sentences"):
+        ev.bigbench_path("bigbench:cause_and_effect/two_sentence")
+    with pytest.raises(TaskFormatError, match="no subtask 'x' .*name bigbench:riddle_sense"):
+        ev.bigbench_path("bigbench:riddle_sense/x")
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("bigbench:riddle", r"no JSON task 'riddle' \(did you mean riddle_sense\?\)"),
+    ("bigbench:arithmetc", r"no JSON task 'arithmetc' \(did you mean .*arithmetic"),
+    ("bigbench:qqqqqqqq", r"no JSON task 'qqqqqqqq' \(the 167 JSON tasks are abstract_narrative_understanding"),
+    ("bigbench:boolean_expressions", "programmatic tasks are not supported"),  # a task.py task
+    ("bigbench:Riddle_Sense/x", "did you mean riddle_sense"),
+    ("bigbench:", "names no BIG-bench task: give bigbench:TASK"),
+    ("bigbench:riddle_sense/../../etc", "names no BIG-bench task"),
+])
+def test_a_wrong_bigbench_name_is_refused_before_any_download(models, tmp_path, monkeypatch, capsys, spec, message):
+    _, folder, _, _ = models
+    monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path / "empty-cache"))  # the package is not there
+
+    def no_download(*args, **kwargs):
+        pytest.fail("the bigbench package was fetched for a name that the task list rules out")
+
+    monkeypatch.setattr(ev, "corpus_files", no_download)
+    monkeypatch.setattr("gpt2lab.fetch.fetch_package", no_download)
+    monkeypatch.setattr("gpt2lab.fetch._download", no_download)
+    with pytest.raises(TaskFormatError, match=message) as e:
+        ev.bigbench_path(spec)
+    assert "\n" not in str(e.value)
+    # The command refuses it before it loads the model: a model path that does not exist is never read.
+    for model in (folder, tmp_path / "no-such-model"):
+        assert main(["eval", str(model), "--task", "multiple-choice", "--data", spec]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("gpt2lab: error:") and err.count("\n") == 1 and re.search(message, err)
+    assert not (tmp_path / "empty-cache").exists()
+
+
+def test_the_bigbench_task_list_is_sorted_and_has_the_tasks_gpt2lab_documents():
+    assert list(ev.BIGBENCH_TASKS) == sorted(set(ev.BIGBENCH_TASKS)) and len(ev.BIGBENCH_TASKS) == 167
+    assert {"riddle_sense", "hhh_alignment", "cause_and_effect", "logical_deduction"} <= set(ev.BIGBENCH_TASKS)
 
 
 # -- ranking: a model taught the answers beats chance, a random one does not -----------------------------------
@@ -427,7 +472,98 @@ def test_eval_command_writes_results_and_prints_one_line(models, tmp_path, capsy
     assert "\n" not in line and "perplexity" in line and f"{results['metrics']['bits_per_byte']:.4f}" in line
 
     assert main(["eval", str(folder), "--task", "perplexity", "--data", str(text), "--out", str(out)]) == 0
-    assert "examples" not in json.loads(out.read_text())
+    assert "examples" not in json.loads(out.read_text())  # its own results file is replaced
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ppl.json"]  # and nothing is left beside it
+
+
+def one_line_error(capsys, argv, message):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    err = captured.err
+    assert err.startswith("gpt2lab: error:") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(message, err), err
+    return captured.out
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda d: d / "existing", r"--out .*existing is a folder; give the path of the results file, e\.g\. "),
+    (lambda d: d / "notes.txt" / "res.json", r"notes\.txt is a file, not a folder"),
+    (lambda d: d / "notes.txt" / "sub" / "res.json", r"notes\.txt is a file, not a folder"),
+    (lambda d: d / "notes.txt", r"notes\.txt is a file that gpt2lab eval did not write; .*choose another path"),
+    (lambda d: d / "other.json", r"other\.json is a file that gpt2lab eval did not write"),
+], ids=["folder", "parent-file", "grandparent-file", "user-file", "other-json"])
+def test_eval_out_is_checked_before_any_work_and_nothing_is_left(models, tmp_path, capsys, make, message):
+    _, folder, _, _ = models
+    work = tmp_path / "work"
+    (work / "existing").mkdir(parents=True)
+    (work / "existing" / "keep.txt").write_text("mine")
+    (work / "notes.txt").write_text("my notes")
+    (work / "other.json").write_text('{"not": "results"}')
+    before = {p: p.read_bytes() for p in work.rglob("*") if p.is_file()}
+    text = tmp_path / "held_out.txt"
+    text.write_text("the heather in the rain, then the thin tern.\n" * 3)
+    out = make(work)
+    # With a model that does not exist the --out error still comes first: nothing was loaded or scored.
+    for model in (folder, tmp_path / "no-such-model"):
+        one_line_error(capsys, ["eval", str(model), "--task", "perplexity", "--data", str(text), "--out", str(out)],
+                       message)
+    assert {p: p.read_bytes() for p in work.rglob("*") if p.is_file()} == before  # nothing changed, nothing left
+
+
+def test_a_failed_results_write_leaves_no_temporary_file(models, tmp_path, capsys, monkeypatch):
+    _, folder, _, _ = models
+    text = tmp_path / "held_out.txt"
+    text.write_text("the heather in the rain, then the thin tern.\n" * 3)
+    out = tmp_path / "results" / "corpus"
+    real_replace = os.replace
+
+    def failing_replace(src, dst, *args, **kwargs):
+        if Path(dst) == out:
+            raise OSError(errno.EIO, "Input/output error", str(dst))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    one_line_error(capsys, ["eval", str(folder), "--task", "perplexity", "--data", str(text), "--out", str(out)],
+                   "Input/output error")
+    assert list(out.parent.iterdir()) == []
+    # A temporary file that a killed eval left beside the results is cleaned up by the next one.
+    leftover = out.parent / f".corpus.tmp-{2**22 + 12345}"  # no process has that PID
+    leftover.write_text("{")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert main(["eval", str(folder), "--task", "perplexity", "--data", str(text), "--out", str(out)]) == 0
+    assert [p.name for p in out.parent.iterdir()] == ["corpus"] and "metrics" in json.loads(out.read_text())
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--limit", "0"], "--limit must be a positive number of examples, got 0"),
+    (["--batch-size", "0"], "--batch-size must be positive, got 0"),
+    (["--stride", "-3"], "--stride must be a positive number of tokens, got -3"),
+    (["--device", "banana"], "unknown device 'banana'"),
+    (["--device", "cuda:99"], "cuda:99"),
+])
+def test_bad_eval_options_are_one_line_errors_before_the_model_loads(models, tmp_path, capsys, options, message):
+    _, folder, _, _ = models
+    text = tmp_path / "held_out.txt"
+    text.write_text("the heather in the rain, then the thin tern.\n" * 3)
+    for model in (folder, tmp_path / "no-such-model"):
+        one_line_error(capsys, ["eval", str(model), "--task", "perplexity", "--data", str(text), *options],
+                       re.escape(message))
+    with pytest.raises(ConfigError, match="stride must be in 1..n_ctx"):  # the longest stride needs the model
+        ev.evaluate_model(models[2], models[3], task="perplexity", data=text, stride=N_CTX + 1)
+
+
+def test_a_lambada_word_longer_than_the_context_names_the_example(models, tmp_path, capsys):
+    _, folder, _, _ = models
+    path = write_jsonl(tmp_path / "lambada.jsonl", [{"text": "fine words here"}, {"text": "then " + "x" * 50}])
+    one_line_error(capsys, ["eval", str(folder), "--task", "lambada", "--data", str(path)],
+                   r"example 1's last word 'x{50}' has 51 tokens, more than the model's context \(37\)")
+
+
+def test_a_perplexity_past_the_float_range_is_inf_not_a_crash(models, monkeypatch):
+    _, _, ours, tok = models
+    monkeypatch.setattr(ev, "score_windows", lambda model, ids, windows, **kw: [1e6] * len(windows))
+    metrics = ev.perplexity(ours, tok, "the heather in the rain")["metrics"]
+    assert metrics["perplexity"] == math.inf and metrics["nats_per_token"] > 1e4
 
 
 def test_eval_scores_a_lora_adapter_as_transformers_scores_its_merged_weights(models, tmp_path, capsys):

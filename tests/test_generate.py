@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -226,13 +227,83 @@ def test_next_tokens_applies_the_steps_in_order():
     (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
     (dict(num_samples=0), "num_samples must be a positive integer"),
     (dict(temperature=float("nan")), "temperature must be >= 0"),
+    (dict(temperature=float("inf")), "temperature must be >= 0 and finite"),
+    (dict(top_p=float("nan")), r"top_p must be in \(0, 1\]"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty must be > 0 and finite"),
+    (dict(repetition_penalty=float("nan")), "repetition_penalty must be > 0 and finite"),
+    (dict(top_k=1.5), "top_k must be a non-negative integer"),
+    (dict(top_logprobs=-1), "top_logprobs must be a non-negative integer"),
     (dict(stop=("",)), "stop strings must be non-empty"),
+    (dict(stop=("a\ud800",)), "holds a lone surrogate"),
     (dict(seed=1.5), "seed must be an integer"),
+    (dict(seed=-1), r"seed must be an integer from 0 to 18446744073709551615 \(2\*\*64 - num_samples"),
+    (dict(seed=10**23), "seed must be an integer from 0 to 18446744073709551615"),
+    (dict(seed=2**64), "seed must be an integer from 0 to 18446744073709551615"),
+    (dict(seed=2**64 - 2, num_samples=3), "seed must be an integer from 0 to 18446744073709551613"),
 ])
 def test_bad_parameters_are_rejected_with_one_line(options, message):
     with pytest.raises(GenerationError, match=message) as e:
         GenerationConfig(**options)
     assert isinstance(e.value, GPT2LabError) and "\n" not in str(e.value)
+
+
+def test_the_largest_seeds_work_and_match_the_same_seed_alone():
+    model = GPT(preset("gpt2-nano", vocab_size=97)).eval()
+    gen = Generator(model, eot_id=96)
+    options = dict(max_new_tokens=5, stop_at_eot=False)
+    top = gen.generate_ids([[1, 2]], seed=2**64 - 2, num_samples=2, **options)
+    assert top[1].token_ids == gen.generate_ids([[1, 2]], seed=2**64 - 1, **options)[0].token_ids
+    assert len(gen.generate_ids([[1, 2]], seed=0, **options)[0].token_ids) == 5
+
+
+@pytest.mark.parametrize("temperature", [1e-8, 1e-40, 1e-300, 5e-324])
+def test_a_tiny_temperature_samples_the_argmax(temperature):
+    logits = torch.tensor([[3.0, 2.9, -5.0, 0.0], [-80.0, 40.0, 39.5, 40.0 - 1e-5]])
+    config = GenerationConfig(temperature=temperature)
+    for seed in range(5):
+        gens = [torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)]
+        assert next_tokens(logits, None, config, gens).tolist() == [0, 1]
+    # A whole generation: the same tokens as greedy, never a NaN probability.
+    model = GPT(preset("gpt2-nano", vocab_size=97)).eval()
+    gen = Generator(model, eot_id=96)
+    options = dict(max_new_tokens=12, stop_at_eot=False, top_k=5, top_p=0.9)
+    greedy = gen.generate_ids([[1, 2, 3], [4]], greedy=True, **options)
+    for seed in (0, 1):
+        tiny = gen.generate_ids([[1, 2, 3], [4]], temperature=temperature, seed=seed, **options)
+        assert [c.token_ids for c in tiny] == [c.token_ids for c in greedy]
+
+
+@pytest.mark.parametrize("penalty", [5e-324, 1e-300, 1e-30, 1e30, 1e300])
+def test_an_extreme_repetition_penalty_keeps_the_logits_finite(penalty):
+    logits = torch.tensor([[2.0, -2.0, 0.0, 1.0, -1.0]])
+    seen = torch.tensor([[True, True, True, False, False]])
+    out = apply_repetition_penalty(logits, seen, penalty)
+    assert torch.isfinite(out).all() and out.dtype == logits.dtype
+    assert out[0, 2] == 0 and out[0, 3:].tolist() == [1.0, -1.0]  # zero stays zero; unseen tokens untouched
+    # < 1 favours seen tokens: the positive one wins; > 1 pushes them down: an unseen one wins.
+    greedy = GenerationConfig(greedy=True, repetition_penalty=penalty)
+    assert next_tokens(logits, seen, greedy, [None]).tolist() == ([0] if penalty < 1 else [3])
+    config = GenerationConfig(repetition_penalty=penalty, temperature=0.7, top_p=0.95)
+    g = torch.Generator().manual_seed(0)
+    assert all(0 <= next_tokens(logits, seen, config, [g]).item() < 5 for _ in range(20))
+    model = GPT(preset("gpt2-nano", vocab_size=97)).eval()
+    out = Generator(model, eot_id=96).generate_ids([[1, 2, 3]], repetition_penalty=penalty, seed=0,
+                                                   max_new_tokens=10, stop_at_eot=False)
+    assert len(out[0].token_ids) == 10
+
+
+def test_a_batch_too_big_for_memory_is_refused_before_it_is_built(monkeypatch):
+    from gpt2lab import generate as gm
+
+    assert gm._memory(torch.device("cpu")) > 2**28  # this machine's RAM is known
+    model = GPT(preset("gpt2-nano", vocab_size=97)).eval()
+    gen = Generator(model, eot_id=96)
+    monkeypatch.setattr(gm, "_memory", lambda device: 2**20)  # a machine with 1 MiB
+    with pytest.raises(GenerationError, match=r"2 prompt\(s\) x 64 sample\(s\) need about .* GiB .*more than the "
+                                              r"0\.0 GiB of memory on cpu: ask for fewer samples") as e:
+        gen.generate_ids([[1, 2], [3]], num_samples=64, max_new_tokens=8)
+    assert "\n" not in str(e.value)
+    assert len(gen.generate_ids([[1, 2]], max_new_tokens=2, stop_at_eot=False)[0].token_ids) == 2  # one row fits
 
 
 def test_bad_prompts_are_rejected_with_one_line():
@@ -497,15 +568,131 @@ def test_cli_stop_takes_backslash_escapes(checkpoint, capsys):
     assert row["finish_reason"] == "stop" and row["text"] == free[:free.index(stop)]
 
 
-def test_cli_errors_are_one_line(checkpoint, capsys):
-    for args, message in [
-        (["--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
-        (["--prompt", "x", "--top-p", "0"], "top_p must be in (0, 1]"),
-        (["--prompt", ""], "prompt 0 is empty"),
-        (["--prompt", "x", "--prompt-file", "nope.txt"], "not both"),
-    ]:
-        rc, _, err = run_cli(capsys, checkpoint, *args)
-        assert rc == 2 and message in err and err.count("\n") == 1
+def assert_one_line_error(rc, err, message):
+    assert rc == 2 and err.startswith("gpt2lab: error:") and err.count("\n") == 1, err
+    assert "Traceback" not in err and message in err, err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
+    (["--prompt", "x", "--temperature", "inf"], "temperature must be >= 0 and finite"),
+    (["--prompt", "x", "--top-p", "0"], "top_p must be in (0, 1]"),
+    (["--prompt", "x", "--top-p", "nan"], "top_p must be in (0, 1]"),
+    (["--prompt", "x", "--top-k", "-2"], "top_k must be a non-negative integer"),
+    (["--prompt", "x", "--repetition-penalty", "0"], "repetition_penalty must be > 0"),
+    (["--prompt", "x", "--repetition-penalty", "inf"], "repetition_penalty must be > 0 and finite"),
+    (["--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
+    (["--prompt", "x", "--num-samples", "0"], "num_samples must be a positive integer"),
+    (["--prompt", "x", "--top-logprobs", "-1"], "top_logprobs must be a non-negative integer"),
+    (["--prompt", "x", "--seed", str(10**23)], "seed must be an integer from 0 to 18446744073709551615"),
+    (["--prompt", "x", "--seed", "-1"], "seed must be an integer from 0 to"),
+    (["--prompt", "x", "--seed", str(2**64)], "seed must be an integer from 0 to"),
+    (["--prompt", "x", "--seed", str(2**64 - 1), "--num-samples", "2"],
+     "seed must be an integer from 0 to 18446744073709551614"),
+    (["--prompt", ""], "prompt 0 is empty"),
+    (["--prompt", "x", "--prompt-file", "nope.txt"], "not both"),
+])
+def test_cli_errors_are_one_line(checkpoint, capsys, args, message):
+    assert_one_line_error(*run_cli(capsys, checkpoint, *args)[::2], message)
+
+
+@pytest.mark.parametrize("temperature", ["1e-40", "1e-300", "5e-324"])
+def test_cli_tiny_temperature_gives_the_greedy_text(checkpoint, capsys, temperature):
+    args = [checkpoint, "--prompt", "Hello", "--max-new-tokens", "8", "--no-stop-at-eot", "--json"]
+    rc, greedy, _ = run_cli(capsys, *args, "--greedy")
+    assert rc == 0
+    rc, tiny, err = run_cli(capsys, *args, "--temperature", temperature, "--seed", "1")
+    assert rc == 0 and "Traceback" not in err
+    assert json.loads(tiny)["token_ids"] == json.loads(greedy)["token_ids"]
+
+
+@pytest.mark.parametrize(("stop", "why"), [
+    ("\\", "\\ at end of string"),
+    ("ab\\", "\\ at end of string"),
+    ("\\x4", "truncated \\xXX escape"),
+    ("\\u12", "truncated \\uXXXX escape"),
+    ("\\N{NO SUCH CHARACTER}", "unknown Unicode character name"),
+    ("\\U00110000", "illegal Unicode character"),
+    ("\\q", "invalid escape sequence '\\q'"),
+])
+def test_cli_a_bad_stop_escape_is_one_line_naming_the_stop(checkpoint, capsys, stop, why):
+    rc, _, err = run_cli(capsys, checkpoint, "--prompt", "x", "--stop", "\\n", "--stop", stop)
+    assert_one_line_error(rc, err, f"--stop {stop!r} has a bad backslash escape ({why})")
+
+
+def test_stop_escapes_name_the_characters_they_stand_for(checkpoint, capsys):
+    from gpt2lab.generate import _unescape
+
+    cases = {"\\n": "\n", "a\\tb": "a\tb", "\\u00e9": "é", "\\U0001F600": "😀", "\\x41": "A", "\\\\": "\\",
+             "\\N{BULLET}": "•", "é中😀": "é中😀", "plain": "plain", "\\'": "'"}
+    for typed, meant in cases.items():
+        assert _unescape(typed) == meant
+    rc, _, err = run_cli(capsys, checkpoint, "--prompt", "x", "--stop", "\\ud800")
+    assert_one_line_error(rc, err, "names a lone surrogate")
+
+
+def test_cli_interactive_reports_a_line_that_is_not_utf8_and_goes_on(checkpoint, capsys, monkeypatch):
+    import io
+
+    lines = b"first prompt\n\xff\xfe not text\ncaf\xc3\n\nsecond prompt\n"
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(lines), encoding="utf-8"))
+    rc, out, err = run_cli(capsys, checkpoint, "--interactive", "--max-new-tokens", "4", "--greedy")
+    assert rc == 0
+    gen = Generator.load(checkpoint)
+    replies = [gen.generate(p, greedy=True, max_new_tokens=4)[0].text for p in ("first prompt", "second prompt")]
+    assert out == ">>> " + replies[0] + "\n>>> >>> >>> >>> " + replies[1] + "\n>>> "
+    errors = [line for line in err.splitlines() if line.startswith("gpt2lab: error:")]
+    assert errors == ["gpt2lab: error: input line 2 is not UTF-8 (0xff at byte 0): give UTF-8 text, "
+                      "e.g. convert it with iconv -t UTF-8",
+                      "gpt2lab: error: input line 3 is not UTF-8 (0xc3 at byte 3): give UTF-8 text, "
+                      "e.g. convert it with iconv -t UTF-8"]
+    assert "Traceback" not in err
+
+
+def test_cli_prompts_that_are_not_utf8_name_their_source(checkpoint, capsys, monkeypatch, tmp_path):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"ok line\nbad \xe9 line\n"), encoding="utf-8"))
+    assert_one_line_error(*run_cli(capsys, checkpoint, "--max-new-tokens", "2")[::2],
+                          "the prompt on stdin is not UTF-8 (0xe9 at byte 12, line 2)")
+    bad = tmp_path / "prompt.txt"
+    bad.write_bytes(b"\x80abc")
+    assert_one_line_error(*run_cli(capsys, checkpoint, "--prompt-file", bad)[::2],
+                          f"--prompt-file {bad} is not UTF-8 (0x80 at byte 0)")
+    assert_one_line_error(*run_cli(capsys, checkpoint, "--prompt-file", tmp_path)[::2],
+                          f"cannot read --prompt-file {tmp_path}: Is a directory")
+    # A command-line argument that is not UTF-8 reaches Python as lone surrogates (surrogateescape).
+    arg = b"caf\xe9".decode("utf-8", "surrogateescape")
+    assert_one_line_error(*run_cli(capsys, checkpoint, "--prompt", "fine", arg)[::2],
+                          "--prompt 1 is not UTF-8 (0xe9 at byte 3)")
+    # Good text from each source still works.
+    good = tmp_path / "good.txt"
+    good.write_text("café 中文", encoding="utf-8")
+    rc, out, _ = run_cli(capsys, checkpoint, "--prompt-file", good, "--max-new-tokens", "2", "--greedy")
+    assert rc == 0 and out.startswith("café 中文")
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("naïve\n".encode()), encoding="utf-8"))
+    rc, out, _ = run_cli(capsys, checkpoint, "--max-new-tokens", "2", "--greedy")
+    assert rc == 0 and out.startswith("naïve\n")
+
+
+@pytest.mark.parametrize(("device", "message"), [
+    ("banana", "unknown device 'banana': use auto, cpu, cuda or cuda:N"),
+    ("cuda:99", "cuda:99"),
+    ("tpu", "'tpu'"),
+])
+def test_cli_device_is_resolved_first_and_a_bad_one_is_one_line(checkpoint, capsys, tmp_path, device, message):
+    for model in (checkpoint, tmp_path / "no-such-model"):  # refused before the model is read
+        assert_one_line_error(*run_cli(capsys, model, "--prompt", "x", "--device", device)[::2], message)
+
+
+def test_cli_device_cpu_generates_on_the_cpu(checkpoint, capsys):
+    args = [checkpoint, "--prompt", "Hello", "--max-new-tokens", "5", "--seed", "2", "--json", "--no-stop-at-eot"]
+    rc, out, _ = run_cli(capsys, *args, "--device", "cpu")
+    assert rc == 0
+    gen = Generator.load(checkpoint, device="cpu")
+    assert gen.model.transformer.ln_f.weight.device.type == "cpu"
+    want = gen.generate("Hello", max_new_tokens=5, seed=2, stop_at_eot=False)[0]
+    assert json.loads(out)["token_ids"] == want.token_ids
 
 
 def test_cli_interactive_answers_each_line(checkpoint, capsys, monkeypatch):

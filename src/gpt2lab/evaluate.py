@@ -25,12 +25,13 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -39,8 +40,10 @@ from tqdm import tqdm
 
 from .checkpoint import load_model, load_tokenizer
 from .data import Corpus, corpus_files, register
-from .errors import DataError, TaskFormatError
+from .device import resolve_device
+from .errors import ConfigError, DataError, TaskFormatError
 from .fetch import Package
+from .files import DestinationError, clean_leftovers, write_json
 from .model import GPT
 from .tokenizer import Tokenizer
 
@@ -56,6 +59,50 @@ BIGBENCH = register(Corpus(
                                 sha256="c46efd13b6aa8279f33f2864459c8ce587ea6a1a59ee20de055868d8f7688f7f")),
     files="bigbench/benchmark_tasks/*/task.json",
 ))
+# The JSON tasks of the pinned bigbench 1.0.0 sdist: the folders of bigbench/benchmark_tasks that hold a
+# task.json (programmatic tasks have a task.py instead and are not extracted). Listed here so that a
+# misspelt name is refused before the 358 MB archive is fetched; subtasks are checked once it is there.
+BIGBENCH_TASKS = (
+    "abstract_narrative_understanding", "anachronisms", "analogical_similarity", "analytic_entailment",
+    "arithmetic", "ascii_word_recognition", "authorship_verification", "auto_categorization", "auto_debugging",
+    "bbq_lite_json", "bridging_anaphora_resolution_barqa", "causal_judgment", "cause_and_effect",
+    "checkmate_in_one", "chess_state_tracking", "chinese_remainder_theorem", "cifar10_classification",
+    "code_line_description", "codenames", "color", "common_morpheme", "conceptual_combinations",
+    "conlang_translation", "contextual_parametric_knowledge_conflicts", "crash_blossom", "crass_ai",
+    "cryobiology_spanish", "cryptonite", "cs_algorithms", "dark_humor_detection", "date_understanding",
+    "disambiguation_qa", "discourse_marker_prediction", "disfl_qa", "dyck_languages", "elementary_math_qa",
+    "emoji_movie", "emojis_emotion_prediction", "empirical_judgments", "english_proverbs",
+    "english_russian_proverbs", "entailed_polarity", "entailed_polarity_hindi", "epistemic_reasoning",
+    "evaluating_information_essentiality", "fact_checker", "fantasy_reasoning", "few_shot_nlg",
+    "figure_of_speech_detection", "formal_fallacies_syllogisms_negation", "gem",
+    "gender_inclusive_sentences_german", "general_knowledge", "geometric_shapes", "goal_step_wikihow",
+    "gre_reading_comprehension", "hhh_alignment", "hindi_question_answering", "hindu_knowledge",
+    "hinglish_toxicity", "human_organs_senses", "hyperbaton", "identify_math_theorems", "identify_odd_metaphor",
+    "implicatures", "implicit_relations", "intent_recognition", "international_phonetic_alphabet_nli",
+    "international_phonetic_alphabet_transliterate", "intersect_geometry", "irony_identification", "kanji_ascii",
+    "kannada", "key_value_maps", "known_unknowns", "language_games", "language_identification",
+    "linguistic_mappings", "linguistics_puzzles", "list_functions", "logic_grid_puzzle", "logical_args",
+    "logical_deduction", "logical_fallacy_detection", "logical_sequence", "mathematical_induction", "matrixshapes",
+    "metaphor_boolean", "metaphor_understanding", "minute_mysteries_qa", "misconceptions", "misconceptions_russian",
+    "mnist_ascii", "modified_arithmetic", "moral_permissibility", "movie_dialog_same_or_different",
+    "movie_recommendation", "mult_data_wrangling", "multiemo", "natural_instructions", "navigate",
+    "nonsense_words_grammar", "novel_concepts", "object_counting", "odd_one_out", "operators",
+    "paragraph_segmentation", "parsinlu_qa", "parsinlu_reading_comprehension", "penguins_in_a_table",
+    "periodic_elements", "persian_idioms", "phrase_relatedness", "physical_intuition", "physics",
+    "physics_questions", "play_dialog_same_or_different", "polish_sequence_labeling", "presuppositions_as_nli",
+    "qa_wikidata", "question_selection", "real_or_fake_text", "reasoning_about_colored_objects",
+    "repeat_copy_logic", "rephrase", "riddle_sense", "ruin_names", "salient_translation_error_detection",
+    "scientific_press_release", "semantic_parsing_in_context_sparc", "semantic_parsing_spider",
+    "sentence_ambiguity", "similarities_abstraction", "simp_turing_concept", "simple_arithmetic_json",
+    "simple_arithmetic_json_multiple_choice", "simple_arithmetic_json_subtasks",
+    "simple_arithmetic_multiple_targets_json", "simple_ethical_questions", "simple_text_editing", "snarks",
+    "social_iqa", "social_support", "sports_understanding", "strange_stories", "strategyqa",
+    "sufficient_information", "suicide_risk", "swahili_english_proverbs", "swedish_to_german_proverbs",
+    "symbol_interpretation", "temporal_sequences", "tense", "timedial", "topical_chat", "tracking_shuffled_objects",
+    "understanding_fables", "undo_permutation", "unit_conversion", "unit_interpretation",
+    "unnatural_in_context_learning", "vitaminc_fact_verification", "what_is_the_tao", "which_wiki_edit", "winowhy",
+    "word_sorting", "word_unscrambling"
+)
 BIGBENCH_SEED = 42  # lm-eval's BIG-bench port orders the choices listed in a prompt with RandomState(42)
 HEAD_ROWS = 2048  # positions put through the output head at once: bounds the (rows, vocab) logits in memory
 
@@ -79,7 +126,7 @@ def sliding_windows(n_tokens: int, n_ctx: int, stride: int) -> list[Window]:
     windows) the first token of each window is not scored at all, exactly as in HF's loop.
     """
     if not 1 <= stride <= n_ctx:
-        raise ValueError(f"stride must be in 1..n_ctx ({n_ctx}), got {stride}: a longer one would skip tokens")
+        raise ConfigError(f"stride must be in 1..n_ctx ({n_ctx}), got {stride}: a longer one would skip tokens")
     windows, prev_end = [], 0
     for begin in range(0, n_tokens, stride):
         end = min(begin + n_ctx, n_tokens)
@@ -151,17 +198,22 @@ class Score:
 
 
 def score_continuations(model: GPT, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *,
-                        batch_size: int = 16, progress: bool = False) -> list[Score]:
+                        batch_size: int = 16, progress: bool = False,
+                        labels: Sequence[str] | None = None) -> list[Score]:
     """Score (context ids, continuation ids) pairs as lm-eval does: the last n_ctx + 1 tokens of
-    context + continuation, minus the last one, go through the model in one pass."""
+    context + continuation, minus the last one, go through the model in one pass.
+
+    labels: what to call each request's continuation in an error (default: "request i's continuation").
+    """
     n_ctx = model.config.n_ctx
     inputs: list[list[int]] = []
     for i, (ctx, cont) in enumerate(requests):
+        what = labels[i] if labels is not None else f"request {i}'s continuation"
         if not cont:
-            raise ValueError(f"request {i} has an empty continuation; there is nothing to score")
+            raise TaskFormatError(f"{what} is empty; there is nothing to score")
         if len(cont) > n_ctx:
-            raise ValueError(f"request {i}'s continuation has {len(cont)} tokens, more than the model's context "
-                             f"({n_ctx}); it cannot be scored in one window")
+            raise TaskFormatError(f"{what} has {len(cont)} tokens, more than the model's context ({n_ctx}); "
+                                  "it cannot be scored in one window")
         inputs.append((list(ctx) + list(cont))[-(n_ctx + 1):][:-1])
     # Longest first, as lm-eval: rows of a batch have similar lengths, and running out of memory shows at once.
     order = sorted(range(len(requests)), key=lambda i: -len(inputs[i]))
@@ -291,30 +343,44 @@ def read_hellaswag(path: Path) -> list[MultipleChoice]:
 
 
 def bigbench_path(spec: str) -> Path:
-    """A BIG-bench task file: a path, or bigbench:TASK[/SUBTASK] from the bigbench sdist (fetched once)."""
+    """A BIG-bench task file: a path, or bigbench:TASK[/SUBTASK] from the bigbench sdist (fetched once).
+
+    TASK is checked against BIGBENCH_TASKS first, so a wrong name costs no download.
+    """
     if not spec.startswith("bigbench:"):
         return Path(spec)
     name = spec.removeprefix("bigbench:").strip("/")
+    task, _, subtask = name.partition("/")
+    if not name or ".." in Path(name).parts:
+        raise TaskFormatError(f"{spec!r} names no BIG-bench task: give bigbench:TASK[/SUBTASK], "
+                              "e.g. bigbench:riddle_sense")
+    if task not in BIGBENCH_TASKS:
+        raise TaskFormatError(f"BIG-bench has no JSON task {task!r} ({_suggest(task, BIGBENCH_TASKS, 'JSON tasks')}); "
+                              "programmatic tasks are not supported")
     try:
         files = corpus_files(BIGBENCH.name)
     except DataError as e:
         raise TaskFormatError(str(e)) from e
     tasks_dir = files[0].parent.parent  # .../bigbench/benchmark_tasks
     path = tasks_dir / name / "task.json"
-    if ".." in Path(name).parts:
-        raise TaskFormatError(f"bigbench:{name} is not a task name")
     # A task split into subtasks keeps its examples in them (its own task.json, if any, has none).
-    if name and (subtasks := sorted(p.parent.name for p in path.parent.glob("*/task.json"))):
-        raise TaskFormatError(f"BIG-bench task {name!r} is split into subtasks ({', '.join(subtasks)}); "
-                              f"name one, e.g. bigbench:{name}/{subtasks[0]}")
-    if not name or not path.is_file():
-        known = sorted(f.parent.name for f in files)
-        head = name.split("/")[0]
-        close = [k for k in known if head and head in k] + difflib.get_close_matches(head, known)
-        close = list(dict.fromkeys(close))[:5]
-        hint = f"did you mean {', '.join(close)}?" if close else f"{len(known)} tasks are under {tasks_dir}"
-        raise TaskFormatError(f"BIG-bench has no JSON task {name!r} ({hint}); programmatic tasks are not supported")
+    subtasks = sorted(p.parent.name for p in (tasks_dir / task).glob("*/task.json"))
+    if not subtask and subtasks:
+        raise TaskFormatError(f"BIG-bench task {task!r} is split into subtasks ({', '.join(subtasks)}); "
+                              f"name one, e.g. bigbench:{task}/{subtasks[0]}")
+    if not path.is_file():
+        known = _suggest(subtask, subtasks, f"subtasks of {task}") if subtasks else f"it has none: name bigbench:{task}"
+        raise TaskFormatError(f"BIG-bench task {task!r} has no subtask {subtask!r} ({known})")
     return path
+
+
+def _suggest(name: str, known: Sequence[str], what: str) -> str:
+    """`did you mean ...?` with up to five names close to `name`, else how many `what` there are."""
+    close = [k for k in known if name and name in k] + difflib.get_close_matches(name, known)
+    close = list(dict.fromkeys(close))[:5]
+    if close:
+        return f"did you mean {', '.join(close)}?"
+    return f"the {len(known)} {what} are {', '.join(known[:3])}{', ...' if len(known) > 3 else ''}"
 
 
 def read_bigbench(path: Path) -> tuple[list[MultipleChoice], dict[str, Any]]:
@@ -423,7 +489,7 @@ def perplexity(model: GPT, tokenizer: Tokenizer, text: str, *, stride: int | Non
     n_bytes = len(text.encode("utf-8")) if covered == len(ids) else len(tokenizer.decode_bytes(ids[:covered]))
     n_scored = sum(w.end - w.first for w in windows)
     nll = sum(nlls)
-    metrics = {"perplexity": math.exp(nll / n_scored), "nats_per_token": nll / n_scored,
+    metrics = {"perplexity": _exp(nll / n_scored), "nats_per_token": nll / n_scored,
                "bits_per_byte": nll / math.log(2) / n_bytes}
     return {
         "metrics": metrics,
@@ -441,9 +507,10 @@ def lambada(model: GPT, tokenizer: Tokenizer, examples: Sequence[tuple[str, str]
             progress: bool = False) -> dict[str, Any]:
     """Last-word accuracy (greedy, every token of the word) and last-word perplexity, as lm-eval's lambada_openai."""
     requests = [encode_pair(tokenizer, ctx, word) for ctx, word in examples]
-    scores = score_continuations(model, requests, batch_size=batch_size, progress=progress)
+    labels = [f"example {i}'s last word {word.strip()!r}" for i, (_, word) in enumerate(examples)]
+    scores = score_continuations(model, requests, batch_size=batch_size, progress=progress, labels=labels)
     logprobs = [s.logprob for s in scores]
-    metrics = {"acc": float(np.mean([s.greedy for s in scores])), "perplexity": math.exp(-float(np.mean(logprobs)))}
+    metrics = {"acc": float(np.mean([s.greedy for s in scores])), "perplexity": _exp(-float(np.mean(logprobs)))}
     return {
         "metrics": metrics,
         "scoring": ("lm-eval lambada_openai: context = the text up to its last space, target = ' ' + last word; "
@@ -453,12 +520,21 @@ def lambada(model: GPT, tokenizer: Tokenizer, examples: Sequence[tuple[str, str]
     }
 
 
+def _exp(x: float) -> float:
+    """exp(x), inf where it overflows: a perplexity past 1e308 is still an answer, not a crash."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
 def multiple_choice(model: GPT, tokenizer: Tokenizer, examples: Sequence[MultipleChoice], *, batch_size: int = 16,
                     progress: bool = False) -> dict[str, Any]:
     """Log-likelihood of each choice; `grade` takes the argmax's target score, `grade_norm` the argmax of
     log-likelihood / len(choice in characters) (lm-eval's acc_norm), `chance` a uniformly random pick's."""
     requests = [encode_pair(tokenizer, ex.context, ex.delimiter + choice) for ex in examples for choice in ex.choices]
-    flat = iter(score_continuations(model, requests, batch_size=batch_size, progress=progress))
+    labels = [f"example {k}'s choice {choice!r}" for k, ex in enumerate(examples) for choice in ex.choices]
+    flat = iter(score_continuations(model, requests, batch_size=batch_size, progress=progress, labels=labels))
     per_example = []
     for ex in examples:
         lls = np.array([next(flat).logprob for _ in ex.choices])
@@ -476,13 +552,8 @@ def multiple_choice(model: GPT, tokenizer: Tokenizer, examples: Sequence[Multipl
 def evaluate_model(model: GPT, tokenizer: Tokenizer, *, task: Task, data: str | Path, stride: int | None = None,
                    batch_size: int = 8, limit: int | None = None, progress: bool = False) -> dict[str, Any]:
     """Run `task` on the file `data` (for multiple-choice also bigbench:TASK); return the results."""
-    if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be a positive number of examples, got {limit}")
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be positive, got {batch_size}")
-    path = bigbench_path(str(data)) if task == "multiple-choice" else Path(data)
-    if not path.is_file():
-        raise TaskFormatError(f"{path} is not a file: give the {task} data file")
+    _check_options(task, stride, batch_size, limit)
+    path = _data_file(task, data)
     started = time.perf_counter()
     if task == "perplexity":
         result = perplexity(model, tokenizer, read_text_file(path), stride=stride, batch_size=batch_size,
@@ -506,11 +577,28 @@ def evaluate_model(model: GPT, tokenizer: Tokenizer, *, task: Task, data: str | 
         result["prompt"] = settings
         result["scoring"] = ("BIG-bench multiple_choice_grade, zero-shot: the target score of the choice with the "
                              "highest log-likelihood given BIG-bench's prompt (see 'prompt')")
-    else:
-        raise ValueError(f"unknown task {task!r}; choose perplexity, lambada, hellaswag or multiple-choice")
     seconds = time.perf_counter() - started
     n = result.get("windows", len(result["examples"]))
     return {"task": task, "data": str(path), "n_examples": n, **result, "seconds": seconds}
+
+
+def _check_options(task: str, stride: int | None, batch_size: int, limit: int | None) -> None:
+    if task not in get_args(Task):
+        raise ConfigError(f"unknown task {task!r}; choose {', '.join(get_args(Task))}")
+    if stride is not None and stride < 1:
+        raise ConfigError(f"--stride must be a positive number of tokens, got {stride}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be positive, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be a positive number of examples, got {limit}")
+
+
+def _data_file(task: str, data: str | Path) -> Path:
+    """The task's data file (bigbench:TASK fetched for multiple-choice), which must exist."""
+    path = bigbench_path(str(data)) if task == "multiple-choice" else Path(data)
+    if not path.is_file():
+        raise TaskFormatError(f"{path} is not a file: give the {task} data file")
+    return path
 
 
 def _some(examples: list[Any], limit: int | None, path: Path) -> list[Any]:
@@ -538,31 +626,52 @@ def evaluate(model: str, *, task: Task, data: str, stride: int | None = None, ba
     stride: perplexity only: tokens between window starts (default n_ctx / 2)
     batch_size: windows or choices per forward pass
     limit: score only the first N examples (perplexity: the first N windows)
-    out: write the results (JSON) to this file
+    out: write the results (JSON) to this file (a new one, or results gpt2lab eval wrote before)
     per_example: include every example's scores in the results file
     tokenizer: a tokenizer folder, or gpt2 (default: the one the model was saved with)
-    device: cpu, cuda, mps or auto (cuda when available)
+    device: auto (a GPU when there is one, else the CPU), cpu, cuda, cuda:N or mps
     """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    # Everything that can be checked without the model is checked before it is loaded.
+    out = None if out is None else _check_out(Path(out))
+    _check_options(task, stride, batch_size, limit)
+    torch_device = resolve_device(device)
+    path = _data_file(task, data)
     tok = load_tokenizer(model) if tokenizer is None else (
         Tokenizer.gpt2() if tokenizer == "gpt2" else Tokenizer.from_dir(tokenizer))
-    gpt = load_model(model, device=device, tokenizer=tok)
-    results = evaluate_model(gpt, tok, task=task, data=data, stride=stride, batch_size=batch_size, limit=limit,
+    gpt = load_model(model, device=torch_device, tokenizer=tok)
+    results = evaluate_model(gpt, tok, task=task, data=path, stride=stride, batch_size=batch_size, limit=limit,
                              progress=True)
-    results = {"model": str(model), "tokenizer": tok.name, "device": device, **results}
+    results = {"model": str(model), "tokenizer": tok.name, "device": str(torch_device), **results}
     if not per_example:
         results.pop("examples")
     line = summary(results)
     if out is not None:
-        _write_json(Path(out), results)
+        clean_leftovers(out.parent, out.name)  # what a killed earlier write left beside it
+        write_json(out, results)
         line += f"; results in {out}"
     return line
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    """Write atomically: a crash leaves the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
+def _check_out(out: Path) -> Path:
+    """Refuse, before any work, an --out that the results cannot or must not replace."""
+    if out.is_dir():
+        raise DestinationError(f"--out {out} is a folder; give the path of the results file, "
+                               f"e.g. {out / 'results.json'}")
+    folder = next(p for p in out.parents if p.exists())  # where the missing folders would be made
+    if not folder.is_dir():
+        raise DestinationError(f"--out {out}: {folder} is a file, not a folder; choose a path inside a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DestinationError(f"--out {out}: {folder} is not writable; choose a folder you can write to")
+    if (out.exists() or out.is_symlink()) and not _is_results(out):
+        raise DestinationError(f"--out {out} is a file that gpt2lab eval did not write; gpt2lab never replaces "
+                               "it: choose another path")
+    return out
+
+
+def _is_results(path: Path) -> bool:
+    """Whether `path` holds results that `gpt2lab eval --out` wrote (those it may replace)."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(obj, dict) and {"model", "task", "metrics"} <= obj.keys()

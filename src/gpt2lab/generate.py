@@ -5,7 +5,9 @@ Each step turns the last position's logits into the next token, in this order (H
     1. repetition penalty   every token already in the row (prompt or generated) has its logit
                             divided by the penalty if positive, multiplied if negative (HF's rule)
     2. greedy               stop here and take the argmax (also when temperature == 0)
-    3. temperature          logits / temperature
+    3. temperature          logits / temperature, each row first shifted so that its largest logit
+                            is 0 (softmax ignores the shift): then no temperature, however small,
+                            can overflow the largest logit to inf (inf - inf is NaN)
     4. top-k                keep the k largest logits (ties with the k-th are kept)
     5. top-p                keep the smallest set of most likely tokens whose probability reaches p
     6. sample               one draw from softmax of what is left
@@ -13,6 +15,9 @@ Each step turns the last position's logits into the next token, in this order (H
 Log-probabilities reported with each token (and the top alternatives) are the model's own,
 log_softmax of the raw logits, before any of the steps above: they describe the model, not
 the sampling settings.
+
+Steps 1 and 3 divide in float64 and keep the results finite where an extreme penalty or a tiny
+temperature would overflow float32, so every finite, in-range setting samples without NaNs.
 
 The Generator holds the model and one KV cache, allocated on first use and reused while it is big
 enough. Prompts of different lengths run as one left-padded batch: every row gets its own
@@ -23,7 +28,10 @@ prompt is the same as for that prompt alone.
 from __future__ import annotations
 
 import codecs
+import os
+import re
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from json import dumps
@@ -32,13 +40,17 @@ from typing import Any, Literal
 
 import torch
 
-from .errors import GenerationError
+from .device import resolve_device
+from .errors import GenerationError, GPT2LabError
 from .model import GPT
 from .quantize import Mode, PackedLinear
 
 Finish = Literal["length", "eot", "stop", "context"]
 # When a row slides past the context window it keeps this fraction of the window and re-reads it.
 SLIDE_KEEP = 0.75
+# torch.Generator.manual_seed takes an unsigned 64-bit seed (it wraps negative ones: not taken here).
+SEED_LIMIT = 2**64
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 # -- options ---------------------------------------------------------------------------------
@@ -65,7 +77,7 @@ class GenerationConfig:
     stop_at_eot: bool = True
     """Stop when the model emits <|endoftext|> (the token is left out of the output)."""
     seed: int | None = None
-    """Seed for sampling; sample i of every prompt uses seed + i. None: not reproducible."""
+    """Seed for sampling, 0 <= seed < 2**64; sample i of every prompt uses seed + i. None: not reproducible."""
     num_samples: int = 1
     """Samples per prompt."""
     top_logprobs: int = 0
@@ -83,21 +95,26 @@ class GenerationConfig:
         object.__setattr__(self, "stop", tuple(self.stop))
         _check(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
                f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        _check(_is_number(self.temperature) and self.temperature >= 0,
-               f"temperature must be >= 0 (0 means greedy), got {self.temperature!r}")
+        _check(_is_finite(self.temperature) and self.temperature >= 0,
+               f"temperature must be >= 0 and finite (0 means greedy), got {self.temperature!r}")
         _check(self.top_k is None or (_is_int(self.top_k) and self.top_k >= 0),
                f"top_k must be a non-negative integer (0 or None: off), got {self.top_k!r}")
         _check(_is_number(self.top_p) and 0 < self.top_p <= 1,
                f"top_p must be in (0, 1] (1 is off), got {self.top_p!r}")
-        _check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0,
-               f"repetition_penalty must be > 0 (1 is off), got {self.repetition_penalty!r}")
+        _check(_is_finite(self.repetition_penalty) and self.repetition_penalty > 0,
+               f"repetition_penalty must be > 0 and finite (1 is off), got {self.repetition_penalty!r}")
         _check(_is_int(self.num_samples) and self.num_samples >= 1,
                f"num_samples must be a positive integer, got {self.num_samples!r}")
         _check(_is_int(self.top_logprobs) and self.top_logprobs >= 0,
                f"top_logprobs must be a non-negative integer, got {self.top_logprobs!r}")
-        _check(self.seed is None or _is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
+        last = SEED_LIMIT - self.num_samples  # sample i uses seed + i, which must fit too
+        _check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed <= last),
+               f"seed must be an integer from 0 to {last} (2**64 - num_samples: sample i uses seed + i), "
+               f"got {self.seed!r}")
         for s in self.stop:
             _check(isinstance(s, str) and s != "", f"stop strings must be non-empty strings, got {s!r}")
+            _check(not _SURROGATE.search(s), f"stop string {s!r} holds a lone surrogate, which no generated "
+                   "text contains: give valid text")
 
     @property
     def sampling(self) -> bool:
@@ -117,17 +134,27 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and x == x  # x == x: not NaN
 
 
+def _is_finite(x: Any) -> bool:
+    return _is_number(x) and abs(x) != float("inf")
+
+
 # -- the sampling steps, each a pure function of (B, V) logits -------------------------------
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """HF's repetition penalty: logits of `seen` tokens (B, V) bool are pushed towards less likely."""
-    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
-    return torch.where(seen, penalized, logits)
+    """HF's repetition penalty: logits of `seen` tokens (B, V) bool are pushed towards less likely.
+
+    Float64 keeps a tiny penalty from becoming 0 in float32 (0 / 0 is NaN); a result beyond the
+    dtype's range is clamped to its largest finite value (an inf would make softmax NaN)."""
+    x = logits.double()
+    big = torch.finfo(logits.dtype).max
+    penalized = torch.where(x < 0, x * penalty, x / penalty).clamp(-big, big)
+    return torch.where(seen, penalized, x).to(logits.dtype)
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return logits / temperature
+    """logits / temperature, divided in float64: in float32 a temperature below ~1e-45 would be 0."""
+    return (logits.double() / temperature).to(logits.dtype)
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -163,7 +190,9 @@ def next_tokens(logits: torch.Tensor, seen: torch.Tensor | None, config: Generat
         logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
     if not config.sampling:
         return logits.argmax(-1)
-    logits = apply_temperature(logits, config.temperature)
+    # Shifted so that each row's largest logit is 0: it stays 0 at any temperature, the others go at
+    # worst to -inf, so a tiny temperature is the argmax (or an even draw among ties), never NaN.
+    logits = apply_temperature(logits - logits.amax(-1, keepdim=True), config.temperature)
     if config.top_k:
         logits = top_k_filter(logits, config.top_k)
     logits = top_p_filter(logits, config.top_p)
@@ -329,14 +358,17 @@ class Generator:
         )
 
     @classmethod
-    def load(cls, path: str | Path, *, mode: Mode = "fp32", compile: bool = False) -> Generator:
-        """A Generator for a checkpoint, run or HF folder, with its tokenizer, in a speed mode."""
+    def load(cls, path: str | Path, *, mode: Mode = "fp32", compile: bool = False,
+             device: str | torch.device = "auto") -> Generator:
+        """A Generator for a checkpoint, run or HF folder, with its tokenizer, in a speed mode, on a device
+        (a name for device.resolve_device: auto, cpu, cuda, cuda:N, mps)."""
         from .checkpoint import load_model, load_tokenizer
         from .quantize import prepare
 
+        device = resolve_device(device)
         tokenizer = load_tokenizer(path)
         # load_model raises if the tokenizer is not the model's; inductor cannot trace packed weights.
-        model = prepare(load_model(path, tokenizer=tokenizer), mode, pack=not compile)
+        model = prepare(load_model(path, tokenizer=tokenizer, device=device), mode, pack=not compile)
         return cls(model, tokenizer, compile=compile)
 
     # -- public API --
@@ -391,7 +423,7 @@ class Generator:
             raise GenerationError("stop_at_eot needs the <|endoftext|> id: pass eot_id= or a tokenizer, "
                                   "or set stop_at_eot=False")
         vocab = self.model.config.vocab_size
-        rows = []
+        all_ids = []
         for i, prompt in enumerate(prompts):
             ids = [int(t) for t in prompt]
             if config.add_bos:
@@ -410,6 +442,10 @@ class Generator:
                 # Leave room for the answer, but keep at least half the window of prompt.
                 keep = self.n_ctx - min(config.max_new_tokens, self.n_ctx // 2)
                 ids = ids[-keep:]
+            all_ids.append(ids)
+        self._check_memory(all_ids, config)
+        rows = []
+        for i, ids in enumerate(all_ids):
             for s in range(config.num_samples):
                 gen = None
                 if config.sampling and config.seed is not None:
@@ -422,6 +458,22 @@ class Generator:
                                  text=text, generator=gen))
         return rows
 
+    def _check_memory(self, prompts: list[list[int]], config: GenerationConfig) -> None:
+        """Refuse, before building anything, a batch whose KV cache and logits cannot fit in this
+        device's memory (too many prompts x samples): the allocation would fail, or swap for hours."""
+        ref = self.model.transformer.ln_f.weight
+        cfg = self.model.config
+        width, shortest = max(map(len, prompts)), min(map(len, prompts))
+        length = min(width + config.max_new_tokens, width - shortest + self.n_ctx)  # as _prefill sizes it
+        rows = len(prompts) * config.num_samples
+        per_row = 2 * cfg.n_layer * length * cfg.n_embd * ref.element_size() + 4 * 4 * cfg.vocab_size
+        total = _memory(ref.device)
+        if total is not None and rows * per_row > total:
+            raise GenerationError(
+                f"{len(prompts)} prompt(s) x {config.num_samples} sample(s) need about "
+                f"{rows * per_row / 2**30:.1f} GiB for the KV cache and logits, more than the "
+                f"{total / 2**30:.1f} GiB of memory on {ref.device}: ask for fewer samples or prompts at once")
+
     @torch.inference_mode()
     def _run(self, rows: list[_Row], config: GenerationConfig) -> Iterator[StreamEvent]:
         device = self.model.transformer.ln_f.weight.device
@@ -433,6 +485,10 @@ class Generator:
                 seen[b, torch.tensor(row.context, device=device)] = True
         try:
             yield from self._loop(rows, config, seen)
+        except torch.cuda.OutOfMemoryError:  # a GPU that ran out (the CPU check is _check_memory)
+            self._cache = []  # whatever was allocated goes, so the next request starts clean
+            raise GenerationError(f"out of memory on {device} generating {B} rows at once: ask for fewer "
+                                  "samples or prompts, or fewer new tokens") from None
         finally:
             self.model.clear_cache()  # the model is usable without a cache again; we keep ours
 
@@ -542,6 +598,18 @@ class Generator:
         self._cache = [block.attn.kv_cache for block in self.model.transformer.h]
 
 
+def _memory(device: torch.device) -> int | None:
+    """The memory of `device` in bytes (a GPU's, or this machine's RAM for the CPU); None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return None
+    return None
+
+
 @dataclass
 class _Slots:
     """Where the next decoded token goes: its cache slot, each row's position, the key mask."""
@@ -570,7 +638,8 @@ def _config(config: GenerationConfig | None, options: dict[str, Any]) -> Generat
 
 def generate(model: str, *, prompt: list[str] | None = None, prompt_file: Path | None = None,
              config: GenerationConfig | None = None, stream: bool = False, interactive: bool = False,
-             json: bool = False, mode: Mode = "fp32", compile: bool = False, template: bool = True) -> str | None:
+             json: bool = False, mode: Mode = "fp32", compile: bool = False, template: bool = True,
+             device: str = "auto") -> str | None:
     """Generate text from a model: continue each prompt (or stdin), print the results.
 
     model: a gpt2lab checkpoint, a training run folder or a Hugging Face GPT-2 folder
@@ -582,12 +651,14 @@ def generate(model: str, *, prompt: list[str] | None = None, prompt_file: Path |
     mode: fp32; bf16 weights; or int8 weight-only quantization (both about 2x+ faster on CPU)
     compile: run the model through torch.compile (slow first call)
     template: show each prompt as fine-tuning did, through the checkpoint's prompt template (if it has one)
+    device: auto (a GPU when there is one, else the CPU), cpu, cuda, cuda:N or mps
     """
     config = config or GenerationConfig()
     config = replace(config, stop=tuple(_unescape(s) for s in config.stop))  # --stop '\n' means a newline
     if interactive and (prompt or prompt_file):
         raise GenerationError("--interactive reads prompts from the terminal: drop --prompt/--prompt-file")
-    gen = Generator.load(model, mode=mode, compile=compile)
+    resolved = resolve_device(device)  # a bad name is refused before the model is read
+    gen = Generator.load(model, mode=mode, compile=compile, device=resolved)
     fmt = _prompt_format(model) if template else str
     if interactive:
         _repl(gen, config, fmt)
@@ -636,39 +707,97 @@ def _prompt_format(model: str) -> Callable[[str], str]:
 
 
 def _repl(gen: Generator, config: GenerationConfig, fmt: Callable[[str], str] = str) -> None:
+    """Each line read is a prompt; a line that cannot be used (not UTF-8, too long) is one error, not the end."""
     print("gpt2lab generate: type a prompt and press Enter; Ctrl-C stops a reply, Ctrl-D quits.", file=sys.stderr)
+    n = 0
     while True:
+        print(">>> ", end="", flush=True)
         try:
-            line = input(">>> ")
-        except (EOFError, KeyboardInterrupt):
+            raw = _read_line()
+        except KeyboardInterrupt:
+            raw = None
+        if raw is None:
             print(file=sys.stderr)
             return
-        if not line.strip():
-            continue
+        n += 1
         try:
-            _print_stream(gen, fmt(line), config, echo=False)
+            line = _utf8(raw, f"input line {n}")
+            if line.strip():
+                _print_stream(gen, fmt(line), config, echo=False)
         except KeyboardInterrupt:
             print("\n[stopped]", file=sys.stderr)
-        except GenerationError as e:
+        except GPT2LabError as e:
             print(f"gpt2lab: error: {e}", file=sys.stderr)
+
+
+def _read_line() -> bytes | str | None:
+    """The next line of stdin without its line ending, as bytes where stdin has them (so that a line
+    that is not UTF-8 can be reported and skipped), or None at the end of the input."""
+    if sys.stdin is None:
+        return None
+    stream = getattr(sys.stdin, "buffer", sys.stdin)
+    line = stream.readline()
+    if not line:
+        return None
+    nl = b"\n" if isinstance(line, bytes) else "\n"
+    return line[:-1] if line.endswith(nl) else line
 
 
 def _read_prompts(prompt: list[str] | None, prompt_file: Path | None) -> list[str]:
     if prompt and prompt_file:
         raise GenerationError("give --prompt or --prompt-file, not both")
     if prompt:
-        return list(prompt)
+        return [_utf8(p, f"--prompt {i}") for i, p in enumerate(prompt)]
     if prompt_file is not None:
         try:
-            return [Path(prompt_file).read_text(encoding="utf-8")]
-        except (OSError, UnicodeDecodeError) as e:
-            raise GenerationError(f"cannot read --prompt-file {prompt_file}: {e}") from e
+            data = Path(prompt_file).read_bytes()
+        except OSError as e:
+            raise GenerationError(f"cannot read --prompt-file {prompt_file}: {e.strerror or e}") from None
+        return [_utf8(data, f"--prompt-file {prompt_file}")]
     if sys.stdin is None or sys.stdin.isatty():
         raise GenerationError("no prompt: give --prompt TEXT, --prompt-file PATH, pipe text on stdin, "
                               "or use --interactive")
-    return [sys.stdin.read()]
+    return [_utf8(getattr(sys.stdin, "buffer", sys.stdin).read(), "the prompt on stdin")]
+
+
+def _utf8(data: bytes | str, source: str) -> str:
+    """`data` as text, or a one-line GenerationError naming `source` where it is not UTF-8.
+
+    Python hands over command-line arguments and some text streams with the bytes it could not
+    decode kept as lone surrogates (surrogateescape); those count as not UTF-8 too.
+    """
+    if isinstance(data, str):
+        if not _SURROGATE.search(data):
+            return data
+        try:
+            data = data.encode("utf-8", "surrogateescape")  # back to the bytes the user gave
+        except UnicodeEncodeError:
+            data = data.encode("utf-8", "surrogatepass")  # a surrogate that no byte stands for
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        where = f"byte {e.start}" + (f", line {line}" if b"\n" in data else "")
+        raise GenerationError(f"{source} is not UTF-8 (0x{data[e.start]:02x} at {where}): give UTF-8 text, "
+                              "e.g. convert it with iconv -t UTF-8") from None
 
 
 def _unescape(s: str) -> str:
-    """Backslash escapes typed on a command line (\\n, \\t, \\u00e9) as the characters they name."""
-    return codecs.decode(s.encode("latin-1", "backslashreplace"), "unicode_escape")
+    """Backslash escapes typed on a command line (\\n, \\t, \\u00e9) as the characters they name.
+
+    A bad escape (a lone backslash at the end, \\x4, an unknown \\q) is a one-line error naming the
+    stop string, rather than being kept as typed: the user meant something, and it was not that.
+    """
+    text = _utf8(s, f"--stop {s!r}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the codec only warns about an unknown escape such as \\q
+        try:
+            out = codecs.decode(text.encode("latin-1", "backslashreplace"), "unicode_escape")
+        except (UnicodeDecodeError, DeprecationWarning) as e:
+            why = e.reason if isinstance(e, UnicodeDecodeError) else str(e.__cause__ or e)  # codecs wraps it
+            raise GenerationError(f"--stop {s!r} has a bad backslash escape ({why}): write \\\\ for a "
+                                  "backslash, \\n for a newline, \\t for a tab, \\u00e9 for a character") from None
+    if _SURROGATE.search(out):
+        raise GenerationError(f"--stop {s!r} names a lone surrogate, which no generated text contains: "
+                              "give a whole character, e.g. \\U0001F600")
+    return out
