@@ -209,3 +209,120 @@ def test_pickle_with_code_is_refused(tmp_path, capsys):
     with pytest.raises(CheckpointError, match="weights-only"):
         load_model(tmp_path)
     assert "must never run" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../outside.safetensors", "sub/../../outside.safetensors"])
+def test_a_shard_index_may_name_only_files_inside_the_checkpoint(tmp_path, name):
+    hf_model(**ODD_CONFIGS[0]).save_pretrained(tmp_path / "hf", max_shard_size="2KB")
+    index = tmp_path / "hf" / "model.safetensors.index.json"
+    meta = json.loads(index.read_text())
+    first = next(iter(meta["weight_map"]))
+    (tmp_path / "outside.safetensors").write_bytes((tmp_path / "hf" / meta["weight_map"][first]).read_bytes())
+    meta["weight_map"][first] = name
+    index.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="not inside"):
+        load_model(tmp_path / "hf")
+
+
+# -- destinations: nothing the user wrote is ever replaced -----------------------------------------
+
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def cli(capsys, *argv):
+    capsys.readouterr()  # what came before is not this command's
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    return code, err
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    return save_checkpoint(GPT(preset("gpt2-nano", vocab_size=50)), tmp_path / "ck")
+
+
+@pytest.mark.parametrize("to", ["hf", "gpt2lab"])
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_convert_never_replaces_user_files(tmp_path, capsys, ckpt, to, force):
+    (tmp_path / "u").mkdir()
+    (tmp_path / "u" / "thesis.txt").write_text("x")
+    (tmp_path / "somefile").write_text("mine")
+    hf_model(**ODD_CONFIGS[0]).save_pretrained(tmp_path / "theirs")  # an HF folder gpt2lab did not write
+    before = snapshot(tmp_path)
+    for dst, why in [("u", "did not write"), ("somefile", "is a file"), ("theirs", "did not write")]:
+        code, err = cli(capsys, "convert", str(ckpt), str(tmp_path / dst), "--to", to, *force)
+        assert code == 2 and why in err and len(err.splitlines()) == 1, err
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("dst", ["par", "par/ck", ".", "link"])
+def test_convert_never_replaces_the_source_or_a_folder_holding_it(tmp_path, capsys, monkeypatch, dst):
+    monkeypatch.chdir(tmp_path)
+    save_checkpoint(GPT(preset("gpt2-nano", vocab_size=50)), tmp_path / "par" / "ck")
+    (tmp_path / "link").symlink_to(tmp_path / "par" / "ck")
+    before = snapshot(tmp_path)
+    for to in ("hf", "gpt2lab"):
+        code, err = cli(capsys, "convert", "par/ck", dst, "--to", to, "--force")
+        assert code == 2 and "source" in err, err
+    assert snapshot(tmp_path) == before
+
+
+def test_convert_never_replaces_a_run(tmp_path, capsys):
+    from test_train import run as fit_run
+    from test_train import config
+
+    fit_run(tmp_path, "run", config(max_steps=2, ckpt_interval=1))
+    fit_run(tmp_path, "other", config(max_steps=2, ckpt_interval=1))
+    before = snapshot(tmp_path)
+    for src, dst in [("run", "run"), ("other", "run"), ("run/checkpoints/step-00000001", "run")]:
+        code, err = cli(capsys, "convert", str(tmp_path / src), str(tmp_path / dst), "--force")
+        assert code == 2 and ("run folder" in err or "source" in err), err
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("to, other", [("hf", "gpt2lab"), ("gpt2lab", "hf")])
+def test_convert_replaces_its_own_output_of_the_same_kind_only_with_force(tmp_path, capsys, ckpt, to, other):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    assert cli(capsys, "convert", str(ckpt), str(out), "--to", to)[0] == 0
+    assert cli(capsys, "convert", str(ckpt), str(elsewhere), "--to", other)[0] == 0
+    code, err = cli(capsys, "convert", str(ckpt), str(out), "--to", to)
+    assert code == 2 and "--force" in err
+    code, err = cli(capsys, "convert", str(ckpt), str(elsewhere), "--to", to, "--force")  # another kind
+    assert code == 2 and "did not write" in err
+    newer = save_checkpoint(GPT(preset("gpt2-nano", vocab_size=50)), tmp_path / "newer")
+    assert cli(capsys, "convert", str(newer), str(out), "--to", to, "--force")[0] == 0
+    torch.testing.assert_close(load_model(out).state_dict(), load_model(newer).state_dict())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "elsewhere", "newer", "out"]
+
+
+def test_convert_to_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, capsys, ckpt):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    import subprocess
+
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        for to in ("hf", "gpt2lab"):
+            code, err = cli(capsys, "convert", str(ckpt), str(mnt / "out"), "--to", to)
+            assert code == 2 and "no space left" in err and str(mnt / "out") in err and len(err.splitlines()) == 1
+            assert list(mnt.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_convert_with_a_failing_write_leaves_the_old_output(tmp_path, capsys, ckpt, monkeypatch):
+    import errno
+
+    assert cli(capsys, "convert", str(ckpt), str(tmp_path / "out"))[0] == 0
+    before = snapshot(tmp_path)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("gpt2lab.checkpoint.save_file", full)
+    code, err = cli(capsys, "convert", str(ckpt), str(tmp_path / "out"), "--force")
+    assert code == 2 and "no space left on the device while writing" in err
+    assert snapshot(tmp_path) == before

@@ -341,3 +341,42 @@ def test_generate_uses_the_prompt_template_of_a_lora_run(base, pairs, tmp_path, 
     assert main(["generate", str(out), "--prompt", "3 plus 4", "--greedy", "--max-new-tokens", "6",
                  "--no-template"]) == 0
     assert capsys.readouterr().out.startswith("3 plus 4")
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_lora_merge_never_replaces_the_base_the_adapter_or_user_files(base, tmp_path, pairs, capsys):
+    run(base, pairs, tmp_path / "base_run", config=config(max_steps=2))  # the adapter's base is itself a run
+    run(tmp_path / "base_run", pairs, tmp_path / "lora", config=config(method="lora", max_steps=2),
+        template=TEMPLATE)
+    run(base, pairs, tmp_path / "other_run", config=config(max_steps=1))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.md").write_text("mine")
+    before = snapshot(tmp_path)
+    for out, why in [("base_run", "source"), ("other_run", "run folder"), ("lora", "source"), ("lora/checkpoints", "source"), (".", "source"),
+                     ("mine", "did not write"), ("pairs.jsonl", "is a file")]:
+        for extra in ([], ["--force"], ["--hf", "--force"]):
+            capsys.readouterr()
+            assert main(["lora", "merge", str(tmp_path / "lora"), "--out", str(tmp_path / out), *extra]) == 2
+            err = capsys.readouterr().err
+            assert why in err and len(err.splitlines()) == 1, (out, extra, err)
+    assert snapshot(tmp_path) == before
+    assert main(["lora", "merge", str(tmp_path / "lora"), "--out", str(tmp_path / "merged")]) == 0
+    assert main(["lora", "merge", str(tmp_path / "lora"), "--out", str(tmp_path / "merged")]) == 2
+    assert main(["lora", "merge", str(tmp_path / "lora"), "--out", str(tmp_path / "merged"), "--force"]) == 0
+
+
+@pytest.mark.parametrize("data_kind", ["text", "pairs"])
+def test_finetune_into_an_existing_run_refuses_before_writing_anything(base, pairs, tmp_path, data_kind):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"{i}.txt").write_text(f"{i} the quick brown fox " * 20)
+    data = corpus if data_kind == "text" else pairs
+    run(base, data, tmp_path / "out", config=config(max_steps=2))
+    before = snapshot(tmp_path / "out")
+    with pytest.raises(TrainingError, match="already holds a run"):
+        run(base, corpus, tmp_path / "out", config=config(max_steps=2))
+    assert snapshot(tmp_path / "out") == before

@@ -53,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(_selected(argv))
     args = vars(parser.parse_args(argv))
     func = args.pop("_func", None)
-    if func is None:
+    if func is None:  # a group or nothing named: its commands, then what is wrong on one line
         parser.print_help()
+        print("gpt2lab: error: no command given; choose one of the commands above", file=sys.stderr)
         return 2
     try:
         result = func(**_grouped(args))  # building a config validates it: inside the try

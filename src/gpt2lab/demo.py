@@ -18,10 +18,10 @@ import torch
 
 from . import data as datasets
 from .checkpoint import load_model
-from .errors import FetchError
+from .errors import ConfigError, FetchError
 from .generate import Generator
 from .tokenizer import Tokenizer, train_tokenizer
-from .train import FitResult, TrainConfig, pretrain
+from .train import FitResult, TrainConfig, pretrain, raise_if_stopped
 
 # What eight minutes on two cores buys best (README, "Choosing the demo's model").
 DEMO_CONFIG = TrainConfig(
@@ -45,6 +45,11 @@ def demo(*, data: str | None = None, out: str = "runs/demo", vocab_size: int = D
     vocab_size: ids of a BPE vocabulary learned from the training split; 0 uses GPT-2's own 50,257
     threads: CPU threads to train with
     """
+    if threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {threads}")
+    if vocab_size != 0 and not 257 <= vocab_size < 2**32:
+        raise ConfigError(f"--vocab-size must be 0 (GPT-2's vocabulary) or at least 257 (the bytes and "
+                          f"<|endoftext|>), got {vocab_size}")
     torch.set_num_threads(threads)
     root = Path(out)
     source = data or "shakespeare"
@@ -64,7 +69,9 @@ def demo(*, data: str | None = None, out: str = "runs/demo", vocab_size: int = D
         raise
     run_dir = root / f"run-{datetime.now():%Y%m%d-%H%M%S}"
     result = pretrain(data_dir, run_dir, config)
-    return report(result, run_dir, data_dir)
+    text = report(result, run_dir, data_dir)
+    raise_if_stopped(result, text)
+    return text
 
 
 def learned_vocabulary(source: str, vocab_size: int, root: Path) -> Path:

@@ -1,0 +1,126 @@
+"""Every command, given bad arguments, says what is wrong in one line and exits 2: never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2lab import save_checkpoint
+from gpt2lab.cli import COMMANDS, main
+from gpt2lab.config import GPTConfig
+from gpt2lab.data import prepare
+from gpt2lab.model import GPT
+from gpt2lab.tokenizer import EOT, Tokenizer, Vocabulary
+
+
+@pytest.fixture(scope="module")
+def place(tmp_path_factory) -> dict[str, str]:
+    """A checkpoint, a prepared data folder, a text file, an empty folder and a user folder."""
+    root = tmp_path_factory.mktemp("cli")
+    tok = Tokenizer(Vocabulary(tokens=tuple([bytes([b]) for b in range(256)] + [EOT]), merges=()))
+    torch.manual_seed(0)
+    save_checkpoint(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, n_ctx=32, vocab_size=tok.vocab_size)),
+                    root / "ckpt", tokenizer=tok)
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"{i}.txt").write_text(f"text number {i}. " * 30)
+    prepare(str(corpus), out=root / "data", tokenizer=tok, val_fraction=0.2, progress=False)
+    (root / "file.txt").write_text("hello world\n")
+    (root / "empty").mkdir()
+    (root / "user").mkdir()
+    (root / "user" / "thesis.txt").write_text("years of work")
+    return {"ckpt": str(root / "ckpt"), "data": str(root / "data"), "file": str(root / "file.txt"),
+            "empty": str(root / "empty"), "user": str(root / "user"), "missing": str(root / "missing"),
+            "root": str(root)}
+
+
+BAD = {
+    "convert": [
+        "{missing} {root}/c1", "{file} {root}/c1", "{empty} {root}/c1", "{ckpt} {file}", "{ckpt} {user}",
+        "{ckpt} {root}/c1 --to banana", "{ckpt} {ckpt} --force", "{ckpt} {root} --force", "{ckpt}",
+    ],
+    "info": ["{missing}", "{file}", "{empty}", "{data}", ""],
+    "generate": [
+        "{missing} --prompt hi", "{ckpt} --prompt hi --temperature -1", "{ckpt} --prompt hi --temperature nan",
+        "{ckpt} --prompt hi --top-p 2", "{ckpt} --prompt hi --top-k -3", "{ckpt} --prompt hi --seed 100000000000000000000000",
+        "{ckpt} --prompt hi --seed -1", "{ckpt} --prompt hi --device banana", "{ckpt} --prompt hi --max-new-tokens -5",
+        "{ckpt} --prompt hi --stop \\", "{ckpt} --prompt-file {missing}", "{ckpt} --prompt hi --mode int4",
+        "{ckpt} --prompt hi --repetition-penalty 0", "{ckpt} --prompt hi --temperature inf",
+    ],
+    "prepare": [
+        "{missing}", "{file} --out {root}/p1 --val-fraction 0.9", "{file} --out {root}/p1 --shard-tokens 0",
+        "{file} --out {file} --val-fraction 0", "{file} --out {user} --val-fraction 0", "{file} --tokenizer {missing}",
+        "{file} --out {root}/p1 --workers 0 --val-fraction 0", "{file} --out {root} --val-fraction 0",
+    ],
+    "train": [
+        "--data {data} --out {root}/t1 --device banana", "--data {data} --out {file}", "--data {missing} --out {root}/t1",
+        "--data {data} --out {root}/t1 --max-steps -1", "--data {data} --out {root}/t1 --lr nan",
+        "--data {data} --out {root}/t1 --batch-size 0", "--data {data} --out {root}/t1 --model bogus",
+        "--data {data} --out {user}", "--data {data} --out {root}/t1 --resume", "--data {file} --out {root}/t1",
+        "--data {data} --out {root}/t1 --block-size 100000", "--data {data}", "--data {data} --out {root}/t1 --seed x",
+        "--data {data} --out {root}/t1 --precision fp8",
+    ],
+    "demo": ["--vocab-size -3", "--threads 0", "--data {missing}", "--max-steps 0"],
+    "tokenizer encode": ["{missing}", "{file} --tokenizer {missing}", "{empty}"],
+    "tokenizer decode": ["{file}", "{missing}", "{file} --output {empty}"],
+    "tokenizer count": ["{missing}", "{empty}", "{file} --tokenizer {file}"],
+    "tokenizer train": [
+        "{file} --min-frequency -1 --out {root}/k1", "{file} --out {file}", "{file} --vocab-size 10 --out {root}/k1",
+        "{missing} --out {root}/k1", "{file} --out {user}",
+    ],
+    "eval": [
+        "{ckpt} --task banana", "{ckpt} --task perplexity --data {file} --out {empty}", "{missing} --task perplexity",
+        "{ckpt} --task perplexity --data {file} --limit -1", "{ckpt} --task perplexity --data {missing}",
+        "{ckpt} --task bigbench:not_a_task", "{ckpt} --task perplexity --data {file} --device banana",
+    ],
+    "finetune": [
+        "{ckpt} --data {file} --out {root}/f1 --method banana", "{missing} --data {file} --out {root}/f1",
+        "{ckpt} --data {file} --out {file}", "{ckpt} --data {file} --out {root}/f1 --lr -1",
+        "{ckpt} --data {missing} --out {root}/f1", "{ckpt} --data {file} --out {user}",
+        "{ckpt} --data {file} --out {root}/f1 --device banana",
+    ],
+    "lora merge": ["{ckpt} --out {root}/m1", "{missing} --out {root}/m1", "{empty} --out {root}/m1"],
+    "": ["", "banana", "train --banana", "--version-banana"],
+}
+
+
+def test_every_command_has_bad_arguments_here():
+    assert set(COMMANDS) <= set(BAD)
+
+
+CASES = [(command, args) for command, cases in BAD.items() for args in cases]
+
+
+@pytest.mark.parametrize("command, args", CASES, ids=[f"{c or 'gpt2lab'}: {a}" for c, a in CASES])
+def test_bad_arguments_give_one_line_and_exit_2(place, capsys, command, args):
+    argv = command.split() + [a.format(**place) for a in args.split()]
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own usage errors
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("gpt2lab"), err
+    assert "Traceback" not in err
+    assert not (Path(place["root"]) / "c1").exists()  # and nothing was written for the refused commands
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv", [
+    ["train", "--data", "{data}", "--out", "{root}/x", "--device", "banana"],
+    ["generate", "{ckpt}", "--prompt", "hi", "--temperature", "1e-40", "--max-new-tokens", "2", "--seed", "1e23"],
+    ["convert", "{ckpt}", "{user}", "--to", "hf", "--force"],
+    ["tokenizer", "decode", "--output", "{empty}"],
+])
+def test_the_real_command_prints_one_line(place, argv):
+    argv = [a.format(**place) for a in argv]
+    proc = subprocess.run([sys.executable, "-m", "gpt2lab", *argv], capture_output=True, text=True, timeout=120,
+                          input="1 2 3")
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
