@@ -270,8 +270,8 @@ def test_convert_never_replaces_the_source_or_a_folder_holding_it(tmp_path, caps
 
 
 def test_convert_never_replaces_a_run(tmp_path, capsys):
-    from test_train import run as fit_run
     from test_train import config
+    from test_train import run as fit_run
 
     fit_run(tmp_path, "run", config(max_steps=2, ckpt_interval=1))
     fit_run(tmp_path, "other", config(max_steps=2, ckpt_interval=1))

@@ -47,7 +47,8 @@ BAD = {
     "info": ["{missing}", "{file}", "{empty}", "{data}", ""],
     "generate": [
         "{missing} --prompt hi", "{ckpt} --prompt hi --temperature -1", "{ckpt} --prompt hi --temperature nan",
-        "{ckpt} --prompt hi --top-p 2", "{ckpt} --prompt hi --top-k -3", "{ckpt} --prompt hi --seed 100000000000000000000000",
+        "{ckpt} --prompt hi --top-p 2", "{ckpt} --prompt hi --top-k -3",
+        "{ckpt} --prompt hi --seed 100000000000000000000000",
         "{ckpt} --prompt hi --seed -1", "{ckpt} --prompt hi --device banana", "{ckpt} --prompt hi --max-new-tokens -5",
         "{ckpt} --prompt hi --stop \\", "{ckpt} --prompt-file {missing}", "{ckpt} --prompt hi --mode int4",
         "{ckpt} --prompt hi --repetition-penalty 0", "{ckpt} --prompt hi --temperature inf",
@@ -58,7 +59,8 @@ BAD = {
         "{file} --out {root}/p1 --workers 0 --val-fraction 0", "{file} --out {root} --val-fraction 0",
     ],
     "train": [
-        "--data {data} --out {root}/t1 --device banana", "--data {data} --out {file}", "--data {missing} --out {root}/t1",
+        "--data {data} --out {root}/t1 --device banana", "--data {data} --out {file}",
+        "--data {missing} --out {root}/t1",
         "--data {data} --out {root}/t1 --max-steps -1", "--data {data} --out {root}/t1 --lr nan",
         "--data {data} --out {root}/t1 --batch-size 0", "--data {data} --out {root}/t1 --model bogus",
         "--data {data} --out {user}", "--data {data} --out {root}/t1 --resume", "--data {file} --out {root}/t1",
