@@ -15,7 +15,7 @@ import torch
 from test_train import Corpus, assert_same_weights, config, run, tiny_model
 
 from gpt2lab.checkpoint import latest_checkpoint
-from gpt2lab.errors import TrainingError
+from gpt2lab.errors import GPT2LabError, TrainingError
 from gpt2lab.files import LockedError
 from gpt2lab.rundir import STATE_FILE, RunDir
 from gpt2lab.train import fit
@@ -262,3 +262,27 @@ def test_gpt2lab_train_stopped_by_a_signal_saves_and_exits_128_plus_the_signal(t
     assert "continue with --resume" in proc.stderr.splitlines()[-1]
     assert "checkpoint:" in proc.stdout  # the run's summary still goes to stdout
     assert RunDir(tmp_path / "run").latest().name == "step-00000003"
+
+
+@pytest.mark.parametrize("when", ["checked before writing", "found while writing"])
+def test_a_full_disk_during_training_is_one_error_and_leaves_the_checkpoints_whole(tmp_path, monkeypatch, when):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    if when == "found while writing":  # no estimate of the size: the disk fills mid-checkpoint
+        monkeypatch.setattr("gpt2lab.files.check_space", lambda path, needed: None)
+    try:
+        (mnt / "ballast").write_bytes(b"\0" * 1_600_000)  # room for one checkpoint (1.1 MB) and the logs, not two
+        with pytest.raises(GPT2LabError) as e:
+            run(mnt, "r", config(max_steps=8, ckpt_interval=2, keep_last=5))
+        assert "no space left" in str(e.value) and "\n" not in str(e.value)
+        assert str(mnt / "r" / "checkpoints") in str(e.value)
+        left = steps(mnt / "r")
+        assert left and all(name.startswith("step-") for name in left)  # no half-written folder
+        assert all(RunDir.complete(mnt / "r" / "checkpoints" / name) for name in left)
+        (mnt / "ballast").unlink()
+        _, result = run(mnt, "r", config(max_steps=8, ckpt_interval=2, keep_last=1), resume=True)
+        assert result.step == 8
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

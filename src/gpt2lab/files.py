@@ -134,6 +134,19 @@ def _tree_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
+def _out_of_space(e: BaseException, folder: Path) -> bool:
+    """Whether a write failed because the disk is full. Not every writer says so: safetensors and
+    torch.save wrap ENOSPC in their own errors, so a failed write on a full disk counts too."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not isinstance(e, Exception):  # KeyboardInterrupt and the like are never the disk's doing
+        return False
+    try:
+        return shutil.disk_usage(folder).free < 64 * 1024
+    except OSError:
+        return False
+
+
 def disk_full(path: Path, written: int, needed: int | None = None) -> DiskFullError:
     """The one-line error for ENOSPC while writing `path`."""
     free = shutil.disk_usage(_existing(path)).free
@@ -184,9 +197,9 @@ def atomic_dir(path: str | Path, *, needed: int | None = None) -> Iterator[Path]
         if old is not None:
             _remove(old)
     except BaseException as e:
-        written = _tree_bytes(tmp)
+        written, full = _tree_bytes(tmp), _out_of_space(e, path.parent)
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        if full:
             raise disk_full(path, written, needed) from None
         raise
 
@@ -207,12 +220,24 @@ def atomic_write(path: str | Path, data: str | bytes | Callable[[Path], None]) -
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        written = tmp.stat().st_size if tmp.is_file() else 0
+        written, full = (tmp.stat().st_size if tmp.is_file() else 0), _out_of_space(e, path.parent)
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        if full:
             raise disk_full(path, written) from None
         raise
     return path
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line to a log. A crash can tear only this last line, which read_jsonl repairs."""
+    path = Path(path)
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line.rstrip("\n") + "\n")
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise disk_full(path, 0) from None
+        raise
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

@@ -405,8 +405,7 @@ class _RunLog:
     def row(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        files.append_line(self.path, json.dumps(row))
         if self.tb is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, int | float):
@@ -608,8 +607,7 @@ def _fit(model: GPT, config: TrainConfig, batches: Batches, run: RunDir, *, val:
             "peak_flops_per_device": peak, "peak_flops_source": peak_source,
             "flops_per_token_formula": "6N + 12*L*H*Q*T (PaLM appendix B; N excludes the position table)",
         }
-        with open(run_dir / "provenance.jsonl", "a") as f:
-            f.write(json.dumps(record, default=str) + "\n")
+        files.append_line(run_dir / "provenance.jsonl", json.dumps(record, default=str))
 
     runlog = _RunLog(run_dir, enabled=world.is_main, tensorboard=cfg.tensorboard,
                      start=progress.step, total=cfg.max_steps)
