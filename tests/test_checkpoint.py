@@ -276,9 +276,11 @@ def test_convert_never_replaces_a_run(tmp_path, capsys):
     fit_run(tmp_path, "run", config(max_steps=2, ckpt_interval=1))
     fit_run(tmp_path, "other", config(max_steps=2, ckpt_interval=1))
     before = snapshot(tmp_path)
-    for src, dst in [("run", "run"), ("other", "run"), ("run/checkpoints/step-00000001", "run")]:
+    for src, dst in [("run", "run"), ("other", "run"), ("run/checkpoints/step-00000001", "run"),
+                     ("run/checkpoints/step-00000001", "run/checkpoints/step-00000002"),
+                     ("other", "run/checkpoints/step-00000001"), ("other", "run/exported")]:
         code, err = cli(capsys, "convert", str(tmp_path / src), str(tmp_path / dst), "--force")
-        assert code == 2 and ("run folder" in err or "source" in err), err
+        assert code == 2 and ("run folder" in err or "source" in err or "inside the training run" in err), err
     assert snapshot(tmp_path) == before
 
 
@@ -326,3 +328,14 @@ def test_convert_with_a_failing_write_leaves_the_old_output(tmp_path, capsys, ck
     code, err = cli(capsys, "convert", str(ckpt), str(tmp_path / "out"), "--force")
     assert code == 2 and "no space left on the device while writing" in err
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("field, value", [("n_embd", 10**20), ("n_layer", 10**9), ("vocab_size", -1),
+                                          ("n_ctx", "1024"), ("layer_norm_epsilon", 5.0)])
+def test_an_absurd_config_is_a_one_line_error_before_any_allocation(tmp_path, capsys, ckpt, field, value):
+    meta = json.loads((ckpt / "config.json").read_text())
+    meta["model"][field] = value
+    (ckpt / "config.json").write_text(json.dumps(meta))
+    for argv in (["info", str(ckpt)], ["generate", str(ckpt), "--prompt", "a"]):
+        code, err = cli(capsys, *argv)
+        assert code == 2 and field in err and len(err.splitlines()) == 1, err

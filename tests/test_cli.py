@@ -65,9 +65,15 @@ BAD = {
         "--data {data} --out {root}/t1 --batch-size 0", "--data {data} --out {root}/t1 --model bogus",
         "--data {data} --out {user}", "--data {data} --out {root}/t1 --resume", "--data {file} --out {root}/t1",
         "--data {data} --out {root}/t1 --block-size 100000", "--data {data}", "--data {data} --out {root}/t1 --seed x",
-        "--data {data} --out {root}/t1 --precision fp8",
+        "--data {data} --out {root}/t1 --precision fp8", "--data {data} --out {root}/t1 --eps nan",
+        "--data {data} --out {root}/t1 --max-minutes nan", "--data {data} --out {root}/t1 --max-minutes inf",
+        "--data {data} --out {root}/t1 --seed 99999999999999999999999", "--data {data} --out {root}/t1 --min-lr nan",
+        "--data {data} --out {root}/t1 --peak-tflops nan", "--data {data} --out {root}/t1 --lr inf",
+        "--data {data} --out {root}/t1 --weight-decay 1e309", "--data {data} --out {data}/run",
+        "--data {data} --out {ckpt}/run",
     ],
-    "demo": ["--vocab-size -3", "--threads 0", "--data {missing}", "--max-steps 0"],
+    "demo": ["--vocab-size -3", "--threads 0", "--data {missing}", "--max-steps 0", "--threads 100000",
+             "--threads 99999999999999999999", "--eps nan"],
     "tokenizer encode": ["{missing}", "{file} --tokenizer {missing}", "{empty}"],
     "tokenizer decode": ["{file}", "{missing}", "{file} --output {empty}"],
     "tokenizer count": ["{missing}", "{empty}", "{file} --tokenizer {file}"],
@@ -84,7 +90,10 @@ BAD = {
         "{ckpt} --data {file} --out {root}/f1 --method banana", "{missing} --data {file} --out {root}/f1",
         "{ckpt} --data {file} --out {file}", "{ckpt} --data {file} --out {root}/f1 --lr -1",
         "{ckpt} --data {missing} --out {root}/f1", "{ckpt} --data {file} --out {user}",
-        "{ckpt} --data {file} --out {root}/f1 --device banana",
+        "{ckpt} --data {file} --out {root}/f1 --device banana", "{ckpt} --data {file} --out {data}/ft",
+        "{ckpt} --data {file} --out {root}/f1 --method lora --lora-rank 999999999999999999",
+        "{ckpt} --data {file} --out {root}/f1 --method lora --lora-alpha inf",
+        "{ckpt} --data {file} --out {root}/f1 --seed 18446744073709551616",
     ],
     "lora merge": ["{ckpt} --out {root}/m1", "{missing} --out {root}/m1", "{empty} --out {root}/m1"],
     "": ["", "banana", "train --banana", "--version-banana"],
@@ -110,7 +119,20 @@ def test_bad_arguments_give_one_line_and_exit_2(place, capsys, command, args):
     assert code == 2, err
     assert len(err.splitlines()) == 1 and err.startswith("gpt2lab"), err
     assert "Traceback" not in err
-    assert not (Path(place["root"]) / "c1").exists()  # and nothing was written for the refused commands
+    left = {p.name for p in Path(place["root"]).iterdir()}  # and nothing was written for the refused commands
+    assert left == {"ckpt", "data", "corpus", "file.txt", "empty", "user"}, left
+    assert [p.name for p in (Path(place["data"])).iterdir() if p.name in ("run", "ft")] == []
+
+
+@pytest.mark.slow
+def test_output_the_reader_stops_reading_or_a_full_disk(place):
+    cmd = f"{sys.executable} -m gpt2lab info {place['ckpt']}"
+    full = subprocess.run(f"{cmd} > /dev/full", shell=True, capture_output=True, text=True, timeout=120)
+    assert full.returncode == 2 and full.stderr.strip().splitlines() == [
+        "gpt2lab: error: No space left on device (standard output)"], full.stderr
+    head = subprocess.run(f"set -o pipefail; {cmd} | head -c 10 >/dev/null", shell=True, executable="/bin/bash",
+                          capture_output=True, text=True, timeout=120)
+    assert head.returncode in (0, 141) and head.stderr == "", head.stderr  # quiet, as after a SIGPIPE
 
 
 @pytest.mark.slow

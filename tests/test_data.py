@@ -572,9 +572,13 @@ def test_a_file_or_a_training_run_is_never_a_data_folder(tmp_path, corpus):
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text("{}\n")
+    (run / ".gpt2lab.lock").write_text("123\n")  # what every run folder holds
     with pytest.raises(GPT2LabError, match="training run folder"):
         prep(folder, run, force=True)
-    assert (tmp_path / "notes.txt").read_text() == "keep me" and snapshot(run) == {"metrics.jsonl": b"{}\n"}
+    with pytest.raises(GPT2LabError, match="lies inside the training run"):
+        prep(folder, run / "sub", force=True)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    assert snapshot(run) == {"metrics.jsonl": b"{}\n", ".gpt2lab.lock": b"123\n"}
 
 
 def test_an_empty_folder_is_fine(tmp_path, corpus):

@@ -68,6 +68,32 @@ def test_leftovers_of_dead_processes_are_cleaned_and_a_moved_aside_folder_is_put
     assert not (tmp_path / f".data.old-{dead}").exists() and (tmp_path / "data/f").read_text() == "the only copy"
 
 
+@pytest.mark.parametrize("meddle", ["create", "add a file", "replace"])
+def test_a_destination_changed_during_the_write_is_left_as_it_is(tmp_path, meddle):
+    dst = tmp_path / "out"
+    if meddle != "create":
+        dst.mkdir()
+    with pytest.raises(files.DestinationError, match="changed while gpt2lab was writing"):
+        with files.atomic_dir(dst) as tmp:
+            (tmp / "ours").write_text("x")
+            if meddle == "replace":
+                dst.rmdir()
+            dst.mkdir(exist_ok=True)  # another process, or the user, meanwhile
+            (dst / "notes.txt").write_text("theirs")
+    assert tree(tmp_path) == {"out/notes.txt": "theirs"}
+
+
+def test_atomic_dir_accepts_relative_and_dotted_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a").mkdir()
+    with files.atomic_dir("a/../b") as tmp:
+        (tmp / "f").write_text("x")
+    monkeypatch.chdir(tmp_path / "b")
+    with files.atomic_dir(".") as tmp:  # the folder one stands in, replaced
+        (tmp / "g").write_text("y")
+    assert tree(tmp_path) == {"b/g": "y"}
+
+
 def test_atomic_dir_cleans_its_own_leftovers_only(tmp_path):
     dead = dead_pid()
     (tmp_path / f".ck.tmp-{dead}-q").mkdir()
@@ -106,6 +132,21 @@ def test_new_folders_and_files_respect_the_umask(tmp_path, mask):
     assert stat.S_IMODE((tmp_path / "ck").stat().st_mode) == 0o777 & ~mask
     assert stat.S_IMODE((tmp_path / "ck" / "a").stat().st_mode) == 0o666 & ~mask
     assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == 0o666 & ~mask
+
+
+def test_files_that_writers_create_0600_get_the_umask_modes_too(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    old = os.umask(0o002)
+    try:
+        with files.atomic_dir(tmp_path / "ck") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
+            (tmp / "sub").mkdir(mode=0o700)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "ck" / "model.safetensors").stat().st_mode) == 0o664
+    assert stat.S_IMODE((tmp_path / "ck" / "sub").stat().st_mode) == 0o775
 
 
 # -- JSON lines ----------------------------------------------------------------------------------
@@ -158,9 +199,22 @@ def test_destination_rules(tmp_path):
     with pytest.raises(files.DestinationError, match="is a file"):
         check(tmp_path / "file", force=True)
     run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000001").mkdir(parents=True)
     with pytest.raises(files.DestinationError, match="training run"):
         check(run, force=True)
+    (run / "checkpoints" / "step-00000001").rmdir()
+    (run / files.LOCK_FILE).touch()
+    with pytest.raises(files.DestinationError, match="training run"):
+        check(run, force=True)
+    for inside in ("checkpoints/step-00000001", "anything", "data/x"):
+        with pytest.raises(files.DestinationError, match="lies inside the training run"):
+            check(run / inside, force=True)
+    check(run / "data")  # a run's own subfolder (fine-tuning's prepared data) is the run's to write
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "config.json").write_text("{}")
+    (tmp_path / "ck" / "model.safetensors").write_text("")
+    with pytest.raises(files.DestinationError, match="lies inside the checkpoint"):
+        check(tmp_path / "ck" / "tokenizer", force=True)
 
 
 @pytest.mark.parametrize("dst", ["src", "par", ".", "par/../par", "link"])

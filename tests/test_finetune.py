@@ -356,8 +356,9 @@ def test_lora_merge_never_replaces_the_base_the_adapter_or_user_files(base, tmp_
     (tmp_path / "mine" / "notes.md").write_text("mine")
     before = snapshot(tmp_path)
     for out, why in [("base_run", "source"), ("other_run", "run folder"), ("lora", "source"),
-                     ("lora/checkpoints", "source"), (".", "source"), ("mine", "did not write"),
-                     ("pairs.jsonl", "is a file")]:
+                     ("lora/checkpoints", "inside the training run"), (".", "source"), ("mine", "did not write"),
+                     ("pairs.jsonl", "is a file"), ("other_run/checkpoints/step-00000001", "inside the training run"),
+                     ("base_run/merged2", "inside the training run")]:
         for extra in ([], ["--force"], ["--hf", "--force"]):
             capsys.readouterr()
             assert main(["lora", "merge", str(tmp_path / "lora"), "--out", str(tmp_path / out), *extra]) == 2

@@ -706,6 +706,52 @@ def test_cli_interactive_answers_each_line(checkpoint, capsys, monkeypatch):
     assert out == ">>> " + replies[0] + "\n>>> >>> " + replies[1] + "\n>>> "
 
 
+@pytest.mark.parametrize("stdin", ["none", "closed"])
+@pytest.mark.parametrize(("args", "message"), [
+    ([], "standard input is closed, so there is no prompt to read: give --prompt TEXT or --prompt-file PATH"),
+    (["--stream"], "standard input is closed, so there is no prompt to read"),
+    (["--json"], "standard input is closed, so there is no prompt to read"),
+    (["--interactive"], "standard input is closed, so --interactive has no prompts to read"),
+], ids=["batch", "stream", "json", "interactive"])
+def test_cli_closed_stdin_is_one_line_before_the_model_loads(checkpoint, capsys, monkeypatch, tmp_path, stdin,
+                                                            args, message):
+    import io
+
+    # Python makes sys.stdin None when descriptor 0 is closed at start; a stream can also be closed later.
+    closed = io.TextIOWrapper(io.BytesIO(b"a prompt"))
+    closed.close()
+    monkeypatch.setattr("sys.stdin", None if stdin == "none" else closed)
+    for model in (checkpoint, tmp_path / "no-such-model"):  # refused before the model is read
+        assert_one_line_error(*run_cli(capsys, model, *args)[::2], message)
+    # A prompt from the command line needs no stdin.
+    rc, out, _ = run_cli(capsys, checkpoint, "--prompt", "Hello", "--max-new-tokens", "2", "--greedy")
+    assert rc == 0 and out.startswith("Hello")
+
+
+def test_cli_a_terminal_on_stdin_is_no_prompt_before_the_model_loads(capsys, monkeypatch, tmp_path):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr("sys.stdin", Terminal("typed"))
+    assert_one_line_error(*run_cli(capsys, tmp_path / "no-such-model")[::2], "no prompt: give --prompt TEXT")
+
+
+def test_cli_closed_stdin_in_a_real_process(checkpoint):
+    import subprocess
+    import sys
+
+    # `exec 0<&-` closes descriptor 0 itself; stdin=subprocess.DEVNULL would leave it open on /dev/null.
+    for args in ([], ["--interactive"]):
+        done = subprocess.run(["sh", "-c", 'exec 0<&-; exec "$0" -m gpt2lab generate "$@"', sys.executable,
+                               str(checkpoint), *args], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith("gpt2lab: error: standard input is closed") and done.stderr.count("\n") == 1
+        assert done.stdout == ""
+
+
 @pytest.mark.slow
 def test_compiled_generation_equals_eager():
     torch.manual_seed(0)

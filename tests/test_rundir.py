@@ -78,6 +78,36 @@ def test_out_must_be_a_folder_for_runs(tmp_path):
     with pytest.raises(TrainingError, match="not a gpt2lab run.*todo.txt"):
         run(tmp_path, "notes", config())
     assert [p.name for p in (tmp_path / "notes").iterdir()] == ["todo.txt"]
+    # a user's folder that happens to hold files named like a run's is still the user's
+    (tmp_path / "logs").mkdir()
+    for name in ("metrics.jsonl", "loss.png", "provenance.jsonl"):
+        (tmp_path / "logs" / name).write_text("mine")
+    with pytest.raises(TrainingError, match="not a gpt2lab run"):
+        run(tmp_path, "logs", config())
+    assert {p.read_text() for p in (tmp_path / "logs").iterdir()} == {"mine"}
+    # a run never goes inside another gpt2lab folder
+    run(tmp_path, "done", config(max_steps=2))
+    for inside in ("done/sub", "done/checkpoints/step-00000002/x"):
+        with pytest.raises(TrainingError, match="lies inside the (training run|checkpoint)"):
+            run(tmp_path, inside, config())
+
+
+def test_a_refused_or_failed_start_leaves_no_folder_behind(tmp_path):
+    from gpt2lab.train import pretrain
+
+    for out in ("new", "a/../b"):
+        with pytest.raises(GPT2LabError):
+            pretrain(tmp_path / "missing-data", tmp_path / out, config())
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_fresh_start_on_a_finished_run_deletes_nothing(tmp_path):
+    run(tmp_path, "r", config(max_steps=4, ckpt_interval=2))
+    (tmp_path / "r" / "checkpoints" / "step-00000004" / STATE_FILE).unlink()  # the user keeps only the weights
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with pytest.raises(TrainingError, match="already holds a run"):
+        run(tmp_path, "r", config(max_steps=4))
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
 
 
 # -- what crashes leave behind ---------------------------------------------------------------------
@@ -109,6 +139,8 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
     resumed, result = run(tmp_path, "r", cfg, resume=True)
     err = capsys.readouterr().err
     assert f"step-00000006/{file} is unreadable" in err and "resuming from step-00000004" in err
+    assert "moved to corrupt-step-00000006" in err  # kept, out of the way: it neither counts nor is pruned for
+    assert (tmp_path / "r" / "checkpoints" / "corrupt-step-00000006" / file).is_file()
     straight, _ = run(tmp_path, "straight", cfg)
     assert result.step == 8
     assert_same_weights(resumed, straight)
@@ -166,7 +198,7 @@ def test_opening_a_run_cleans_what_killed_runs_left(tmp_path, capsys, resume):
     (run_dir / "metrics.jsonl").touch()
     leftovers = {
         "step-00000010": ["config.json"],  # an older version's half-pruned checkpoint
-        "step-00000012": ["config.json", "model.safetensors"],  # no training state
+        "step-00000012": ["config.json", "model.safetensors"],  # weights, no training state: maybe the user's
         ".step-00000014.tmp-abc123": ["config.json"],  # a half-written save of an older version
         ".step-00000016.tmp-999999999-x": ["config.json", "model.safetensors"],
         ".step-00000002.tmp-999999999-deleting": ["config.json"],
@@ -177,9 +209,10 @@ def test_opening_a_run_cleans_what_killed_runs_left(tmp_path, capsys, resume):
             (ckpts / name / f).write_text("{}")
     (ckpts / "notes.txt").write_text("mine")  # not ours: kept
     run(tmp_path, "r", config(max_steps=6, ckpt_interval=2), resume=resume)
-    expected = ["step-00000002", "step-00000004", "step-00000006"]
+    expected = ["step-00000002", "step-00000004", "step-00000006", "step-00000012"]
     assert steps(run_dir) == sorted(["notes.txt", *expected])
-    assert "incomplete checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "step-00000010, an incomplete checkpoint" in err and "step-00000012 has weights but no" in err
 
 
 # -- signals ---------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import os
 import pickle
 import random
 import re
+import stat
 import sys
 from pathlib import Path
 
@@ -772,6 +773,128 @@ def test_decode_output_must_be_a_file_path(tok, tmp_path, capsys):
         err = cli_error(["tokenizer", "decode", "--input", str(f), "--output", str(under_a_file)], capsys)
         assert f"{f} is a file" in err
     assert f.read_text() == "15496"
+
+
+def test_decode_output_replaces_an_existing_file_only_with_force(tok, tmp_path, capsys):
+    f = tmp_path / "ids.txt"
+    f.write_text("15496 995")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    err = cli_error(["tokenizer", "decode", "--input", str(f), "--output", str(notes)], capsys)
+    assert f"--output {notes} already exists; pass --force" in err
+    assert notes.read_text() == "mine"
+    with pytest.raises(TokenizerError, match="already exists"):
+        decode_ids([str(f)], output=str(notes))
+    assert notes.read_text() == "mine"
+    run_cli(["tokenizer", "decode", "--input", str(f), "--output", str(notes), "--force"], capsys)
+    assert notes.read_text() == "Hello world"
+    assert decode_ids([str(f)], output=str(notes), force=True).startswith("wrote 2 tokens")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.txt", "notes.txt"]  # no temporary left
+
+
+def test_decode_output_is_never_its_own_input(tok, tmp_path, capsys, monkeypatch):
+    f = tmp_path / "ids.txt"
+    f.write_text("15496 995")
+    (tmp_path / "sub").mkdir()
+    os.link(f, tmp_path / "hard.txt")
+    # The same file under another spelling, through a link to it, or under a second name.
+    for output in (f, tmp_path / "sub" / ".." / "ids.txt", tmp_path / "hard.txt"):
+        for force in ([], ["--force"]):
+            err = cli_error(["tokenizer", "decode", "--input", str(f), "--output", str(output), *force], capsys)
+            assert f"is the input {f}; writing there would destroy it" in err
+    link = tmp_path / "link.txt"
+    link.symlink_to(f)
+    err = cli_error(["tokenizer", "decode", "--input", str(link), "--output", str(f), "--force"], capsys)
+    assert "is the input" in err
+    # Standard input read from the output file: `decode --output ids.txt --force < ids.txt`.
+    with open(f, encoding="utf-8") as stdin:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        err = cli_error(["tokenizer", "decode", "--output", str(f), "--force"], capsys)
+    assert "is the file standard input reads" in err
+    assert f.read_text() == "15496 995" and (tmp_path / "hard.txt").samefile(f)
+
+
+def test_decode_output_is_never_inside_the_tokenizer_folder(tok, tmp_path, capsys):
+    f = tmp_path / "ids.txt"
+    f.write_text("15496")
+    folder = tok.save(tmp_path / "tok")
+    record = (folder / "tokenizer.json").read_bytes()
+    err = cli_error(["tokenizer", "decode", "--input", str(f), "--tokenizer", str(folder),
+                     "--output", str(folder / "tokenizer.json"), "--force"], capsys)
+    assert "inside the tokenizer folder" in err
+    assert (folder / "tokenizer.json").read_bytes() == record
+
+
+def _make_fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def _make_socket(path: Path) -> None:
+    import socket
+
+    if len(str(path).encode()) >= 100:  # AF_UNIX paths are limited to ~108 bytes
+        pytest.skip("the test folder's path is too long for a Unix socket")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(path))
+
+
+def _make_device(path: Path) -> None:
+    try:  # a copy of /dev/null's node inside the test folder; /dev itself is never touched
+        os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("making a device node needs root")
+
+
+@pytest.mark.parametrize("kind, make, says", [
+    ("symlink", lambda p: p.symlink_to(p.with_name("notes.txt")), "is a symbolic link (to "),
+    ("dangling symlink", lambda p: p.symlink_to(p.with_name("nowhere")), "is a symbolic link (to "),
+    ("fifo", _make_fifo, "is a named pipe (FIFO)"),
+    ("socket", _make_socket, "is a socket"),
+    ("device", _make_device, "is a character device"),
+])
+def test_decode_output_never_replaces_what_is_not_a_regular_file(tok, tmp_path, capsys, kind, make, says):
+    f = tmp_path / "ids.txt"
+    f.write_text("15496")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    out = tmp_path / "out"
+    make(out)
+    before = os.lstat(out)
+    for force in ([], ["--force"]):
+        err = cli_error(["tokenizer", "decode", "--input", str(f), "--output", str(out), *force], capsys)
+        assert f"--output {out} {says}" in err
+        with pytest.raises(TokenizerError, match="never replaces a link|not a regular file|would replace it"):
+            decode_ids([str(f)], output=str(out), force=bool(force))
+    after = os.lstat(out)
+    assert stat.S_IFMT(after.st_mode) == stat.S_IFMT(before.st_mode) and after.st_ino == before.st_ino
+    assert notes.read_text() == "mine" and not (tmp_path / "nowhere").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.txt", "notes.txt", "out"]
+
+
+@pytest.mark.parametrize("command", [["encode"], ["decode"], ["count"], ["decode", "--output", "out.bin"]])
+@pytest.mark.parametrize("stdin", ["none", "closed"])
+def test_closed_stdin_is_a_one_line_error(tmp_path, capsys, monkeypatch, command, stdin):
+    monkeypatch.chdir(tmp_path)
+    # Python makes sys.stdin None when descriptor 0 is closed at start; a stream can also be closed later.
+    closed = io.TextIOWrapper(io.BytesIO(b"15496"))
+    closed.close()
+    monkeypatch.setattr(sys, "stdin", None if stdin == "none" else closed)
+    monkeypatch.setattr(tokenizer_module, "_pick", lambda _: pytest.fail("the tokenizer was loaded first"))
+    err = cli_error(["tokenizer", *command], capsys)
+    assert "standard input is closed" in err and "--input FILE" in err
+    assert not (tmp_path / "out.bin").exists()
+
+
+def test_closed_stdin_in_a_real_process(tmp_path):
+    import subprocess
+
+    # `exec 0<&-` closes descriptor 0 itself; stdin=subprocess.DEVNULL would leave it open on /dev/null.
+    for command in ("count", "encode", "decode"):
+        done = subprocess.run(["sh", "-c", f'exec 0<&-; exec "$0" -m gpt2lab tokenizer {command}', sys.executable],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith("gpt2lab: error: standard input is closed") and done.stderr.count("\n") == 1
+        assert done.stdout == ""
 
 
 def tiny_corpus(tmp_path: Path) -> Path:

@@ -11,9 +11,12 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import errno
 import importlib
 import inspect
 import json
+import os
+import signal
 import sys
 import textwrap
 import types
@@ -59,24 +62,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = func(**_grouped(args))  # building a config validates it: inside the try
+        if isinstance(result, str):
+            print(result)
+        elif result is not None:
+            print(json.dumps(result, indent=2, default=str))
+        sys.stdout.flush()
     except Stopped as e:  # a run that saved and stopped on a signal: its report, then 128 + the signal
-        print(e.report)
+        if e.report:
+            print(e.report)
         print(f"gpt2lab: {e}", file=sys.stderr)
         return 128 + e.signum
     except GPT2LabError as e:
         print(f"gpt2lab: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as a SIGPIPE would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 128 + signal.SIGPIPE
     except OSError as e:  # the machine's answer about a path the user gave: permissions, a full disk, ...
-        where = f": {e.filename}" if e.filename else ""
+        where = f": {e.filename}" if e.filename else " (standard output)" if e.errno == errno.ENOSPC else ""
         print(f"gpt2lab: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gpt2lab: interrupted", file=sys.stderr)
         return 130
-    if isinstance(result, str):
-        print(result)
-    elif result is not None:
-        print(json.dumps(result, indent=2, default=str))
     return 0
 
 

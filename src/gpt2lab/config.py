@@ -8,6 +8,10 @@ from typing import Any
 
 from .errors import ConfigError
 
+# Bounds far beyond any GPT-2 (gpt2-xl: 48 layers, 25 heads, 1600 wide, 1024 context, 50,257 ids),
+# so that a corrupt or hand-edited config.json is an error, not an allocation that fails deep in torch.
+LIMITS = {"n_layer": 4096, "n_head": 4096, "n_embd": 1 << 16, "n_ctx": 1 << 20, "vocab_size": 1 << 24}
+
 
 @dataclass(frozen=True, kw_only=True)
 class GPTConfig:
@@ -29,16 +33,16 @@ class GPTConfig:
     """LayerNorm epsilon, as in GPT-2."""
 
     def __post_init__(self) -> None:
-        for name in ("n_layer", "n_head", "n_embd", "n_ctx", "vocab_size"):
+        for name, most in LIMITS.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= most:
+                raise ConfigError(f"GPTConfig.{name} must be an integer from 1 to {most:,}, got {value!r}")
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.layer_norm_epsilon <= 0:
-            raise ConfigError(f"layer_norm_epsilon must be positive, got {self.layer_norm_epsilon}")
+        if not 0 < self.layer_norm_epsilon < 1:
+            raise ConfigError(f"layer_norm_epsilon must be in (0, 1), got {self.layer_norm_epsilon}")
 
     @property
     def head_dim(self) -> int:

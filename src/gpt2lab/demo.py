@@ -9,6 +9,7 @@ strings them together (the settings were chosen by the trials in the README).
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -45,8 +46,9 @@ def demo(*, data: str | None = None, out: str = "runs/demo", vocab_size: int = D
     vocab_size: ids of a BPE vocabulary learned from the training split; 0 uses GPT-2's own 50,257
     threads: CPU threads to train with
     """
-    if threads < 1:
-        raise ConfigError(f"--threads must be at least 1, got {threads}")
+    cpus = len(os.sched_getaffinity(0))
+    if not 1 <= threads <= cpus:
+        raise ConfigError(f"--threads must be from 1 to {cpus} (the CPUs this process may use), got {threads}")
     if vocab_size != 0 and not 257 <= vocab_size < 2**32:
         raise ConfigError(f"--vocab-size must be 0 (GPT-2's vocabulary) or at least 257 (the bytes and "
                           f"<|endoftext|>), got {vocab_size}")

@@ -28,10 +28,7 @@ from typing import Any
 
 from .errors import GPT2LabError
 
-LOCK_FILE = ".gpt2lab.lock"
-# What makes a folder a training run: gpt2lab writes these into every run folder, and nothing
-# else of gpt2lab's writes them, so such a folder is never a destination to replace.
-RUN_MARKERS = ("checkpoints", "metrics.jsonl", "provenance.jsonl", LOCK_FILE)
+LOCK_FILE = ".gpt2lab.lock"  # in every run folder: what marks it as one (see is_run_folder)
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)(?:-.*)?$")
 
 
@@ -112,9 +109,17 @@ def remove_dir(path: str | Path) -> None:
 # -- atomic writes -----------------------------------------------------------------------------
 
 
-def _fsync_tree(folder: Path) -> None:
-    for f in folder.rglob("*"):  # data on disk before the rename makes it visible
-        if f.is_file():
+def _finish_tree(folder: Path) -> None:
+    """Data on disk before the rename makes it visible, with the modes the user's umask gives
+    (some writers, safetensors among them, create their files 0600 whatever the umask)."""
+    mask = _umask()
+    for f in folder.rglob("*"):
+        if f.is_symlink():
+            continue
+        if f.is_dir():
+            os.chmod(f, 0o777 & ~mask)
+        elif f.is_file():
+            os.chmod(f, 0o666 & ~mask)
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
 
@@ -126,6 +131,20 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def absolute(path: str | Path) -> Path:
+    """`path` made absolute with `.` and `..` resolved by name (`nonexist/../x` is `x`); symlinks are kept."""
+    return Path(os.path.abspath(Path(path).expanduser()))
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """What is at `path` now (inode, change time), to notice that someone wrote there meanwhile."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def _tree_bytes(path: Path) -> int:
@@ -178,16 +197,20 @@ def atomic_dir(path: str | Path, *, needed: int | None = None) -> Iterator[Path]
     back if need be), never a partial one. Callers check the destination first (check_destination).
     `needed`: the bytes the folder will take, if known, checked against the free space first.
     """
-    path = Path(path)
+    path = absolute(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(path.parent, path.name)
+    before = _identity(path)
     if needed is not None:
         check_space(path, needed)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-"))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the user's umask decides
     try:
         yield tmp
-        _fsync_tree(tmp)
+        _finish_tree(tmp)
+        if _identity(path) != before:  # someone wrote there meanwhile: what they wrote stays
+            raise DestinationError(f"{path} changed while gpt2lab was writing it (another process, or by hand); "
+                                   "it was left as it is and nothing was written: check it, then run again")
         old = None
         if path.exists() or path.is_symlink():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -309,8 +332,44 @@ def read_jsonl(path: str | Path, error: type[GPT2LabError], *, repair: bool = Fa
 
 
 def is_run_folder(path: str | Path) -> bool:
+    """A training run's folder: it holds gpt2lab's lock file, or checkpoints/step-* folders."""
     path = Path(path)
-    return path.is_dir() and any((path / m).exists() for m in RUN_MARKERS)
+    if not path.is_dir():
+        return False
+    if (path / LOCK_FILE).is_file():
+        return True
+    ckpts = path / "checkpoints"
+    return ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir())
+
+
+# Folders a command writes inside a run of its own (fine-tuning's prepared data, a merged model).
+RUN_SUBFOLDERS = ("data", "data-val", "merged")
+
+
+def _gpt2lab_kind(folder: Path) -> str | None:
+    """What kind of gpt2lab folder `folder` is (a run, a checkpoint, a data folder), or None."""
+    if is_run_folder(folder):
+        return "training run"
+    if (folder / "config.json").is_file() and any((folder / n).is_file() for n in (
+            "model.safetensors", "train_state.pt", "model.safetensors.index.json")):
+        return "checkpoint"
+    if (folder / "adapter.json").is_file():
+        return "LoRA adapter"
+    if is_record(folder / "manifest.json", "gpt2lab-tokens"):
+        return "prepared data folder"
+    return None
+
+
+def enclosing_folder(path: str | Path) -> tuple[Path, str] | None:
+    """The gpt2lab folder (run, checkpoint, data) that `path` lies inside, and its kind; None if
+    none. A run's own subfolders (RUN_SUBFOLDERS) are the run's to write, so they do not count."""
+    path = absolute(path)
+    for parent in path.parents:
+        if (kind := _gpt2lab_kind(parent)) is not None:
+            if kind == "training run" and path.parent == parent and path.name in RUN_SUBFOLDERS:
+                return None
+            return parent, kind
+    return None
 
 
 def _contains(outer: Path, inner: Path) -> bool:
@@ -326,7 +385,10 @@ def check_destination(dst: str | Path, *, what: str, ours: Callable[[Path], bool
     non-empty folder that `ours` does not recognise as the same kind of thing gpt2lab wrote.
     Refused without `force`: a folder gpt2lab wrote. A missing or empty folder is fine.
     """
-    dst = Path(dst)
+    dst = absolute(dst)
+    if (inside := enclosing_folder(dst)) is not None:
+        raise DestinationError(f"{dst} lies inside the {inside[1]} {inside[0]}; writing there would change it: "
+                               "choose a destination outside it")
     for src in sources:
         if Path(src).exists() and _contains(dst, Path(src)):
             same = dst.resolve() == Path(src).resolve()
@@ -371,8 +433,13 @@ class FolderLock:
         self._fd: int | None = None
 
     def acquire(self) -> FolderLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise disk_full(self.path, 0) from None
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -380,8 +447,14 @@ class FolderLock:
             os.close(fd)
             raise LockedError(f"{self.path.parent} is in use by another gpt2lab process (PID {holder}); wait for "
                               f"it to finish or stop it, or choose another {self.what}") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:
+            os.close(fd)
+            if e.errno == errno.ENOSPC:
+                raise disk_full(self.path, 0) from None
+            raise
         self._fd = fd
         return self
 

@@ -513,7 +513,8 @@ def best_checkpoint(run_dir: str | Path, result: FitResult | None = None) -> Pat
     """The run's best checkpoint (best.json), else its newest."""
     run_dir = Path(run_dir)
     if (run_dir / "best.json").is_file():
-        name = files.read_json(run_dir / "best.json", TrainingError, "best-checkpoint record").get("checkpoint")
+        record = files.read_json(run_dir / "best.json", TrainingError, "best-checkpoint record")
+        name = record.get("checkpoint") if isinstance(record, dict) else None
         best = run_dir / str(name)
         if isinstance(name, str) and Path(name).parent == Path("checkpoints") and best.is_dir():
             return best

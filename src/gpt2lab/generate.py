@@ -657,6 +657,8 @@ def generate(model: str, *, prompt: list[str] | None = None, prompt_file: Path |
     config = replace(config, stop=tuple(_unescape(s) for s in config.stop))  # --stop '\n' means a newline
     if interactive and (prompt or prompt_file):
         raise GenerationError("--interactive reads prompts from the terminal: drop --prompt/--prompt-file")
+    if interactive or (not prompt and prompt_file is None):
+        _prompt_stdin(interactive)  # no stdin to read is refused before the model is loaded
     resolved = resolve_device(device)  # a bad name is refused before the model is read
     gen = Generator.load(model, mode=mode, compile=compile, device=resolved)
     fmt = _prompt_format(model) if template else str
@@ -733,7 +735,7 @@ def _repl(gen: Generator, config: GenerationConfig, fmt: Callable[[str], str] = 
 def _read_line() -> bytes | str | None:
     """The next line of stdin without its line ending, as bytes where stdin has them (so that a line
     that is not UTF-8 can be reported and skipped), or None at the end of the input."""
-    if sys.stdin is None:
+    if sys.stdin is None or getattr(sys.stdin, "closed", False):  # generate() refuses this before the REPL
         return None
     stream = getattr(sys.stdin, "buffer", sys.stdin)
     line = stream.readline()
@@ -754,10 +756,30 @@ def _read_prompts(prompt: list[str] | None, prompt_file: Path | None) -> list[st
         except OSError as e:
             raise GenerationError(f"cannot read --prompt-file {prompt_file}: {e.strerror or e}") from None
         return [_utf8(data, f"--prompt-file {prompt_file}")]
-    if sys.stdin is None or sys.stdin.isatty():
+    try:
+        data = _prompt_stdin(interactive=False).read()
+    except OSError as e:  # e.g. `< folder`: EISDIR
+        raise GenerationError(f"cannot read the prompt on stdin ({e.strerror or e}): give --prompt TEXT or "
+                              "--prompt-file PATH") from None
+    return [_utf8(data, "the prompt on stdin")]
+
+
+def _prompt_stdin(interactive: bool) -> Any:
+    """Standard input as prompts are read from it (its bytes where it has them), or a one-line
+    error where it cannot give any: closed, or (without --interactive) a terminal."""
+    stdin = sys.stdin
+    # Python sets sys.stdin to None when the process starts with descriptor 0 closed (`0<&-`).
+    if stdin is None or getattr(stdin, "closed", False):
+        if interactive:
+            raise GenerationError("standard input is closed, so --interactive has no prompts to read: run it "
+                                  "from a terminal or pipe prompts in, or give --prompt TEXT or --prompt-file PATH "
+                                  "without --interactive")
+        raise GenerationError("standard input is closed, so there is no prompt to read: give --prompt TEXT or "
+                              "--prompt-file PATH, or pipe the prompt in")
+    if not interactive and stdin.isatty():
         raise GenerationError("no prompt: give --prompt TEXT, --prompt-file PATH, pipe text on stdin, "
                               "or use --interactive")
-    return [_utf8(getattr(sys.stdin, "buffer", sys.stdin).read(), "the prompt on stdin")]
+    return getattr(stdin, "buffer", stdin)
 
 
 def _utf8(data: bytes | str, source: str) -> str:

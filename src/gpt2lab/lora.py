@@ -59,8 +59,8 @@ class LoRAConfig:
         object.__setattr__(self, "targets", tuple(self.targets))
         if not isinstance(self.rank, int) or self.rank <= 0:
             raise ConfigError(f"LoRA rank must be a positive integer, got {self.rank!r}")
-        if not self.alpha > 0:
-            raise ConfigError(f"LoRA alpha must be positive, got {self.alpha}")
+        if not 0 < self.alpha < float("inf"):
+            raise ConfigError(f"LoRA alpha must be a positive number, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         if not self.targets:
@@ -144,6 +144,12 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     names = target_names(model, config.targets)
     if not names:
         raise ConfigError(f"LoRA targets {list(config.targets)} match no linear layer of the model")
+    for name in names:
+        layer = model.get_submodule(name)
+        side = min(layer.in_features, layer.out_features)
+        if config.rank > side:
+            raise ConfigError(f"LoRA rank {config.rank} exceeds the smaller side ({side}) of {name}: a low-rank "
+                              "update must have a lower rank; choose a smaller --lora-rank")
     model.requires_grad_(False)
     for name in names:
         _replace(model, name, LoRALinear(model.get_submodule(name), config))

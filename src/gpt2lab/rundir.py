@@ -40,6 +40,15 @@ def _warn(message: str) -> None:
     print(f"gpt2lab: warning: {message}", file=sys.stderr)
 
 
+# What a run folder holds: gpt2lab's names only (see RunDir._check_path).
+_RUN_NAMES = re.compile(r"^(checkpoints|metrics(-\d{8}-\d{6})?\.jsonl|provenance\.jsonl|loss\.png|best\.json|"
+                        r"tensorboard|data|data-val|merged|\.gpt2lab\.lock|\..+\.(tmp|old)-\d+.*)$")
+
+
+def _run_name(name: str) -> bool:
+    return _RUN_NAMES.match(name) is not None
+
+
 def step_of(folder: Path) -> int:
     return int(folder.name.removeprefix("step-"))
 
@@ -48,11 +57,12 @@ class RunDir:
     """One training run's folder. `open` it, write checkpoints with `save`, `close` it at the end."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+        self.path = files.absolute(path)
         self.checkpoints = self.path / "checkpoints"
         self.resume_from: Path | None = None  # set by open(resume=True)
         self.state: dict[str, Any] | None = None  # that checkpoint's train_state.pt
         self._lock: files.FolderLock | None = None
+        self._created = False  # the folder did not exist before open(): remove it if nothing is written
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -62,20 +72,18 @@ class RunDir:
         other ranks only read. Raises TrainingError, with one line, when that cannot be done."""
         run = cls(path)
         run._check_path()
+        created = not run.path.exists()
         if writer:
             run._lock = files.FolderLock(run.path, what="--out").acquire()
-            try:
-                run._clean()
-            except BaseException:
-                run.close()
-                raise
+            run._created = created
         try:
             if resume:
-                run._pick_resume_checkpoint()
+                run._pick_resume_checkpoint(writer)
             elif (ckpt := run.latest()) is not None:
                 raise TrainingError(f"{run.path} already holds a run ({ckpt.name}); pass --resume to continue it "
                                     "or choose another --out")
             if writer:
+                run._clean()
                 run._prepare_metrics()
         except BaseException:
             run.close()
@@ -88,14 +96,20 @@ class RunDir:
             raise TrainingError(f"--out {p} is a file; give a folder for the run (new, or one to --resume)")
         if any(q.exists() and not q.is_dir() for q in p.parents):
             raise TrainingError(f"--out {p} lies under a file; give a folder path")
-        if p.is_dir() and any(p.iterdir()) and not files.is_run_folder(p):
-            names = sorted(q.name for q in p.iterdir())
-            raise TrainingError(f"--out {p} holds files that are not a gpt2lab run ({', '.join(names[:3])}"
-                                f"{', ...' if len(names) > 3 else ''}); give a new or empty folder")
+        if (inside := files.enclosing_folder(p)) is not None:
+            raise TrainingError(f"--out {p} lies inside the {inside[1]} {inside[0]}; give a folder outside it")
+        if p.is_dir() and any(p.iterdir()):
+            foreign = sorted(q.name for q in p.iterdir() if not _run_name(q.name))
+            if foreign or not files.is_run_folder(p):
+                names = foreign or sorted(q.name for q in p.iterdir())
+                raise TrainingError(f"--out {p} holds files that are not a gpt2lab run ({', '.join(names[:3])}"
+                                    f"{', ...' if len(names) > 3 else ''}); give a new or empty folder")
 
     def _clean(self) -> None:
         """Remove what killed runs left in checkpoints/. Under the lock, no other process writes
-        there, so every temporary name is a leftover, whatever PID it carries."""
+        there, so every temporary name is a leftover, whatever PID it carries. A step folder with
+        no weights left is a half-deleted checkpoint (older versions deleted in place); one with
+        weights but no training state may be the user's doing and is only reported."""
         if not self.checkpoints.is_dir():
             return
         files.clean_leftovers(self.checkpoints)
@@ -104,8 +118,11 @@ class RunDir:
                 shutil.rmtree(entry, ignore_errors=True)
                 _warn(f"removed {entry}, a checkpoint that a killed run left half-written")
             elif _STEP.match(entry.name) and entry.is_dir() and not self.complete(entry):
-                files.remove_dir(entry)
-                _warn(f"removed {entry}, an incomplete checkpoint that a killed run left behind")
+                if any((entry / w).is_file() for w in _WEIGHTS):
+                    _warn(f"{entry} has weights but no {STATE_FILE}: it is not resumable and is left as it is")
+                else:
+                    files.remove_dir(entry)
+                    _warn(f"removed {entry}, an incomplete checkpoint that a killed run left behind")
 
     @staticmethod
     def complete(folder: Path) -> bool:
@@ -123,7 +140,7 @@ class RunDir:
         steps = self.steps()
         return steps[-1] if steps else None
 
-    def _pick_resume_checkpoint(self) -> None:
+    def _pick_resume_checkpoint(self, writer: bool) -> None:
         steps = self.steps()
         if not steps:
             raise TrainingError(f"--resume: {self.path} has no complete checkpoint; drop --resume to start a new run")
@@ -132,16 +149,21 @@ class RunDir:
             try:
                 self.state = _read_state(ckpt)
             except ValueError as e:
-                problems.append(str(e))
+                problems.append((ckpt, str(e)))
                 continue
-            for problem in problems:
-                _warn(f"{problem}; skipping that checkpoint")
-            if problems:
-                _warn(f"resuming from {ckpt.name}, the newest checkpoint that reads back")
             self.resume_from = ckpt
-            return
-        raise TrainingError(f"--resume: no checkpoint of {self.path} reads back ({problems[0]}; "
-                            f"{len(problems)} checked); start a new run in another --out")
+            break
+        else:
+            raise TrainingError(f"--resume: no checkpoint of {self.path} reads back ({problems[0][1]}; "
+                                f"{len(problems)} checked); start a new run in another --out")
+        for bad, why in problems:
+            if writer:  # out of the way, never deleted: it no longer counts, nor is pruned for
+                aside = bad.with_name(f"corrupt-{bad.name}")
+                bad.rename(aside)
+                why += f"; moved to {aside.name}"
+            _warn(why)
+        if problems:
+            _warn(f"resuming from {self.resume_from.name}, the newest checkpoint that reads back")
 
     def _prepare_metrics(self) -> None:
         """Make metrics.jsonl agree with where the run starts: a torn last line is cut, lines past
@@ -186,6 +208,9 @@ class RunDir:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+            if self._created and [p.name for p in self.path.iterdir()] == [files.LOCK_FILE]:
+                (self.path / files.LOCK_FILE).unlink()  # a run that wrote nothing leaves no folder
+                self.path.rmdir()
 
 
 def _read_state(ckpt: Path) -> dict[str, Any]:
@@ -198,6 +223,10 @@ def _read_state(ckpt: Path) -> dict[str, Any]:
         raise ValueError(f"{state} is unreadable ({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
     if not isinstance(loaded, dict) or not {"progress", "optimizer", "rng", "config"} <= set(loaded):
         raise ValueError(f"{state} is not a gpt2lab training state")
+    progress = loaded["progress"]
+    if not (isinstance(progress, dict) and isinstance(progress.get("step"), int) and progress["step"] >= 0
+            and isinstance(loaded["config"], dict)):
+        raise ValueError(f"{state} holds an invalid training state (step or config)")
     for name in _WEIGHTS:
         if (ckpt / name).is_file():
             try:

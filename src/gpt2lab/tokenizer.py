@@ -28,6 +28,7 @@ import json
 import operator
 import os
 import re
+import stat
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -604,13 +605,35 @@ def _cpu_count() -> int:
 def _iter_text(sources: Sequence[str] | None) -> Iterator[tuple[str, str]]:
     """(name, text) of each file, or of stdin when there are none. Text is read exactly (\\r\\n kept)."""
     if not sources:
-        yield "<stdin>", _utf8(sys.stdin.buffer.read(), "<stdin>")
+        yield "<stdin>", _utf8(_read_stdin(), "<stdin>")
         return
     for src in sources:
         p = Path(src)
         if not p.is_file():
             raise TokenizerError(f"{src} is not a file")
         yield src, _utf8(p.read_bytes(), src)
+
+
+def _stdin() -> Any:
+    """Standard input, its bytes where it has them; a one-line error where it is closed."""
+    stdin = sys.stdin
+    # Python sets sys.stdin to None when the process starts with descriptor 0 closed (`0<&-`).
+    if stdin is None or getattr(stdin, "closed", False):
+        raise TokenizerError("standard input is closed, so there is nothing to read: give files with --input FILE, "
+                             "or pipe the input in")
+    return getattr(stdin, "buffer", stdin)
+
+
+def _read_stdin() -> bytes:
+    """All of standard input, or a one-line error where there is none to read."""
+    try:
+        data = _stdin().read()
+    except OSError as e:  # e.g. `< folder`: EISDIR
+        raise TokenizerError(f"cannot read standard input ({e.strerror or e}): give files with --input FILE, "
+                             "or pipe the input in") from None
+    # A text stream without bytes (a StringIO): back to the bytes it stands for, lone surrogates
+    # kept as invalid UTF-8 so that _utf8 reports them.
+    return data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
 
 
 def _utf8(data: bytes, name: str) -> str:
@@ -713,10 +736,58 @@ def _check_parent(path: Path, flag: str) -> None:
         raise TokenizerError(f"{flag} {path}: {above} is a file, not a folder; give a path inside a folder")
 
 
-def _check_output_file(path: Path, flag: str) -> None:
-    if path.is_dir():
+_NOT_REGULAR = {stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFCHR: "a character device",
+                stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+
+
+def _check_output_file(path: Path, flag: str, *, force: bool, sources: Sequence[str] = (),
+                       keep: str | None = None) -> None:
+    """Refuse an output file whose writing would lose something (README, "Your files").
+
+    The file is written under a temporary name and renamed over `path`, which would replace
+    whatever is there, so: a missing path is fine; a link, FIFO, device or socket is refused (the
+    rename would replace the link or the device node itself, not write to what it stands for); one
+    of the `sources`, or the file standard input reads, is refused even with `force`, and so is a
+    file inside the folder `keep` (the tokenizer being read); any other regular file only with `force`.
+    """
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):  # NotADirectoryError: a file above it
+        _check_parent(path, flag)
+        return
+    if stat.S_ISDIR(st.st_mode):
         raise TokenizerError(f"{flag} {path} is a folder; give the path of a file to write, e.g. {path / 'out.txt'}")
-    _check_parent(path, flag)
+    if stat.S_ISLNK(st.st_mode):
+        raise TokenizerError(f"{flag} {path} is a symbolic link (to {os.readlink(path)}); gpt2lab never replaces "
+                             "a link: give the path of a regular file, or a new one")
+    if not stat.S_ISREG(st.st_mode):
+        kind = _NOT_REGULAR.get(stat.S_IFMT(st.st_mode), "not a regular file")
+        raise TokenizerError(f"{flag} {path} is {kind}; gpt2lab writes its output by renaming a new file over "
+                             "the path, which would replace it: give the path of a regular file, or a new one "
+                             "(or leave out --output to print the text)")
+    # The same inode, not the same name: a link or another spelling of the path is the same file.
+    same = (st.st_dev, st.st_ino)
+    for src in sources:
+        if _identity(src) == same:
+            raise TokenizerError(f"{flag} {path} is the input {src}; writing there would destroy it: "
+                                 "choose another path")
+    if _identity(sys.stdin) == same:
+        raise TokenizerError(f"{flag} {path} is the file standard input reads; writing there would destroy it: "
+                             "choose another path")
+    if keep is not None and Path(keep).is_dir() and path.resolve().is_relative_to(Path(keep).resolve()):
+        raise TokenizerError(f"{flag} {path} is inside the tokenizer folder {keep}; writing there could destroy "
+                             "the tokenizer: choose another path")
+    if not force:
+        raise TokenizerError(f"{flag} {path} already exists; pass --force to replace it, or choose another path")
+
+
+def _identity(file: str | Any) -> tuple[int, int] | None:
+    """(device, inode) of a path (links followed) or an open stream; None where there is none."""
+    try:
+        st = os.stat(file) if isinstance(file, str | os.PathLike) else os.fstat(file.fileno())
+    except (AttributeError, OSError, ValueError):  # missing; stdin None, a StringIO, or closed
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _is_saved_tokenizer(folder: Path) -> bool:
@@ -768,6 +839,8 @@ def encode_files(input: list[str] | None = None, *, tokenizer: str | None = None
     allow_special: encode "<|endoftext|>" in the text as the special token, not as plain text
     json_lists: print each input's ids as a JSON list
     """
+    if not input:
+        _stdin()  # closed: refused before the tokenizer is loaded
     tok = _pick(tokenizer)
     names, texts = zip(*_iter_text(input), strict=True)
     all_ids = tok.encode_batch(list(texts), allowed_special="all" if allow_special else frozenset())
@@ -776,15 +849,22 @@ def encode_files(input: list[str] | None = None, *, tokenizer: str | None = None
     return "\n".join(" ".join(map(str, ids)) for ids in all_ids)
 
 
-def decode_ids(input: list[str] | None = None, *, tokenizer: str | None = None, output: str | None = None) -> str:
+def decode_ids(input: list[str] | None = None, *, tokenizer: str | None = None, output: str | None = None,
+               force: bool = False) -> str:
     """Decode token ids (space-separated, or a JSON list) into text.
 
     input: files of ids (default: read stdin)
     tokenizer: a tokenizer or checkpoint folder (default: GPT-2's)
     output: write the tokens' bytes to this file, byte for byte (even a character cut in two), instead of printing
+    force: replace an existing --output file (never an input, a link, a FIFO or a device)
     """
+    def check_output(path: Path) -> None:
+        _check_output_file(path, "--output", force=force, sources=input or (), keep=tokenizer)
+
     if output is not None:
-        _check_output_file(Path(output), "--output")
+        check_output(Path(output))
+    if not input:
+        _stdin()  # closed: refused before the tokenizer is loaded
     tok = _pick(tokenizer)
     ids: list[int] = []
     for name, text in _iter_text(input):
@@ -792,6 +872,7 @@ def decode_ids(input: list[str] | None = None, *, tokenizer: str | None = None, 
     if output is None:
         return tok.decode(ids)  # text: an incomplete character becomes U+FFFD
     data = tok.decode_bytes(ids)
+    check_output(Path(output))  # again, as late as possible: reading stdin may have taken a while
     atomic_write(output, data)
     return f"wrote {len(ids)} tokens as {len(data)} bytes to {output}"
 
@@ -802,6 +883,8 @@ def count_tokens(input: list[str] | None = None, *, tokenizer: str | None = None
     input: UTF-8 text files (default: read stdin)
     tokenizer: a tokenizer or checkpoint folder (default: GPT-2's)
     """
+    if not input:
+        _stdin()  # closed: refused before the tokenizer is loaded
     tok = _pick(tokenizer)
     names, texts = zip(*_iter_text(input), strict=True)
     counts = [len(ids) for ids in tok.encode_batch(list(texts))]

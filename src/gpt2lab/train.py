@@ -143,6 +143,14 @@ class TrainConfig:
     """Peak TFLOP/s per device for MFU (0: a data-sheet table for GPUs, a measured matmul on CPU)."""
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # nan and inf pass every comparison below unnoticed
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be in [0, 2**63), got {self.seed}")
+        if not self.eps > 0:
+            raise ConfigError(f"eps must be positive, got {self.eps}")
         positive = ("batch_size", "max_steps", "log_interval", "ckpt_interval", "keep_last", "eval_batches")
         for name in positive:
             if getattr(self, name) <= 0:
