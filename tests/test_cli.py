@@ -148,3 +148,28 @@ def test_the_real_command_prints_one_line(place, argv):
                           input="1 2 3")
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_repeated_list_option_keeps_every_value_and_replaces_the_default():
+    from gpt2lab.cli import _grouped, build_parser
+
+    def targets(*extra):
+        args = vars(build_parser(["finetune"]).parse_args(["finetune", "m", "--data", "d", "--out", "o", *extra]))
+        args.pop("_given", None), args.pop("_func")
+        return tuple(_grouped(args)["config"].lora_targets)
+
+    assert len(targets()) == 3  # the default
+    assert targets("--lora-targets", "c_fc") == ("c_fc",)
+    assert targets("--lora-targets", "c_fc", "--lora-targets", "c_attn") == ("c_fc", "c_attn")
+    assert targets("--lora-targets", "c_fc", "c_attn") == ("c_fc", "c_attn")
+
+
+def test_repeated_prompts_are_all_generated(place, capsys):
+    code = main(["generate", place["ckpt"], "--prompt", "ab", "--prompt", "cd", "--max-new-tokens", "2",
+                 "--json", "--seed", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    import json
+
+    rows = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert [r["prompt_index"] for r in rows] == [0, 1], out  # one per --prompt, none dropped

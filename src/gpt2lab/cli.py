@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(_selected(argv))
     args = vars(parser.parse_args(argv))
+    args.pop("_given", None)
     func = args.pop("_func", None)
     if func is None:  # a group or nothing named: its commands, then what is wrong on one line
         parser.print_help()
@@ -90,6 +91,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
+
+
+class _Repeatable(argparse.Action):
+    """A list option: the values of every use, in order (`--x A --x B` and `--x A B` give [A, B]);
+    the first use replaces the default rather than adding to it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        given = namespace.__dict__.setdefault("_given", set())
+        before = getattr(namespace, self.dest) if self.dest in given else []
+        given.add(self.dest)
+        setattr(namespace, self.dest, [*before, *values])
 
 
 class _Parser(argparse.ArgumentParser):
@@ -181,9 +194,15 @@ def _add_option(parser: argparse.ArgumentParser, name: str, dest: str, hint: Any
         parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_)
         return
     shown = f" (default: {default})" if not required and default not in (None, (), []) else ""
+    if many:  # `--prompt A --prompt B` and `--prompt A B` both give [A, B]: a repeat never drops values
+        default = None if required or default is None else list(default)
+        parser.add_argument(flag, dest=dest, type=kind, choices=choices, required=required, action=_Repeatable,
+                            metavar=None if choices else name.upper(), default=default, nargs="+",
+                            help=help_ + " (repeatable)" + shown)
+        return
     parser.add_argument(flag, dest=dest, type=kind, choices=choices, required=required,
                         metavar=None if choices else name.upper(),
-                        default=None if required else default, nargs="+" if many else None, help=help_ + shown)
+                        default=None if required else default, help=help_ + shown)
 
 
 def _config_class(hint: Any) -> type | None:
