@@ -15,7 +15,7 @@ An adapter folder holds
 checkpoint.load_model(adapter folder) loads the base it names, checks the hash, and merges.
 
 peft would do this too, but it needs transformers and accelerate at run time, and gpt2lab's
-model is a plain nn.Module; these ~150 lines are the whole method.
+model is a plain nn.Module: LoRALinear, apply_lora and merge_lora below are the whole method.
 """
 
 from __future__ import annotations
