@@ -22,7 +22,7 @@ from gpt2lab.cli import main
 from gpt2lab.data import HEADER, MAGIC, Loader, TokenShards, load_tokenizer, prepare, read_manifest
 from gpt2lab.errors import DataError, FetchError, GPT2LabError
 from gpt2lab.files import DiskFullError
-from gpt2lab.tokenizer import Tokenizer
+from gpt2lab.tokenizer import Tokenizer, safe_cuts
 
 
 class ByteTokenizer:
@@ -130,6 +130,7 @@ def test_manifest_records_source_tokenizer_counts_and_shard_hashes(tmp_path, cor
     summary = prep(folder, tmp_path / "out", tokenizer=tok, val_fraction=0.1, shard_tokens=1000)
     m = read_manifest(tmp_path / "out")
     assert m["source"]["spec"] == str(folder)
+    assert m["val_split"] == summary["val_split"] == "documents"
     assert m["tokenizer"] == {"name": tok.name, "sha256": tok.sha256, "vocab_size": 257, "eot_id": 256}
     assert m["options"] == {"field": "text", "val_fraction": 0.1, "shard_tokens": 1000, "decode_errors": "strict"}
     val_docs = [d for i, d in enumerate(docs) if data.held_out(i, 0.1)]
@@ -487,18 +488,149 @@ def test_empty_corpus(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_one_text_file_needs_val_fraction_0(tmp_path):
-    (tmp_path / "one.txt").write_text("all in one\n")
-    with pytest.raises(DataError, match="one document .* --val-fraction 0"):
+# -- the validation split of a corpus of few documents ------------------------------------------
+
+
+def lines(n: int, start: int = 0) -> str:
+    return "".join(f"Line {i}: the quick brown fox, é ∑ {i}.\n" for i in range(start, start + n))
+
+
+def test_one_text_file_holds_out_the_tail_of_its_text(tmp_path):
+    text = lines(200)
+    (tmp_path / "input.txt").write_text(text, encoding="utf-8")
+    tok = ByteTokenizer()
+    summary = prep(tmp_path / "input.txt", tmp_path / "out", tokenizer=tok)  # the default val_fraction, 0.05
+    folder = data.DataFolder.open(tmp_path / "out")
+    assert summary["val_split"] == folder.val_split == read_manifest(tmp_path / "out")["val_split"] == "tail"
+    assert folder.has_split("val") and summary["train_documents"] == summary["val_documents"] == 1
+    (head,) = documents_of(tok, split_stream(tmp_path / "out", "train"))
+    (tail,) = documents_of(tok, split_stream(tmp_path / "out", "val"))
+    assert head + tail == text
+    assert head.endswith(".") and tail.startswith("\nLine ")  # between two lines
+    line_bytes = len(text.encode()) / 200
+    assert abs(len(tail.encode()) - 0.05 * len(text.encode())) <= line_bytes / 2 + 1  # the nearest line break
+
+
+def test_the_tail_is_tokenized_exactly_as_its_text(tmp_path, gpt2):
+    text = ("First line, then  two spaces.\r\nA CRLF line\n\n  indented 's and 12 numbers\n漢字 line\u2028 more\n"
+            "a line that ends in spaces   \n\tand one with a tab\n") * 40
+    (tmp_path / "input.txt").write_text(text, encoding="utf-8", newline="")
+    summary = prepare(str(tmp_path / "input.txt"), out=tmp_path / "out", tokenizer=gpt2, progress=False)
+    assert summary["val_split"] == "tail"
+    train, val = (split_stream(tmp_path / "out", split).tolist() for split in data.SPLITS)
+    assert train[-1] == val[-1] == gpt2.eot_id
+    tail = gpt2.decode(val[:-1])
+    head = text[:len(text) - len(tail)]
+    assert head + tail == text and tail[0] in "\r\n" and head[-1] not in "\r\n"
+    assert train[:-1] == gpt2.encode(head) and val[:-1] == gpt2.encode(tail)
+    assert gpt2.encode(head) + gpt2.encode(tail) == gpt2.encode(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list(" \t\n\r\x0b\x1c\u00a0\u2028'sab1.漢")), max_size=60),
+       st.integers(0, 100), st.integers(0, 100))
+def test_a_tail_cut_changes_no_token(gpt2, text, at, lines_from):
+    cut = data.tail_cut(text, at, lines_from=lines_from)
+    if cut is None:
+        assert not text.strip() or not [c for c in safe_cuts(text) if text[:c].strip() and text[c:].strip()]
+        return
+    head, tail = text[:cut], text[cut:]
+    assert head.strip() and tail.strip()
+    assert gpt2.encode(head) + gpt2.encode(tail) == gpt2.encode(text)
+
+
+def test_a_line_break_is_preferred_unless_it_would_hold_out_most_of_the_text(tmp_path):
+    # Nearer the 95% mark than any line break: a space in the last line. But the line break wins.
+    text = "Title\n" + "A few words on a line of their own.\n" * 3 + "word " * 10 + "end.\n"
+    assert data.tail_cut(text, round(0.95 * len(text))) == text.rindex("\n", 0, len(text) - 1)
+    # The only line break would leave over half the text to validation: a space near the 95% mark.
+    text = "Title\n" + "word " * 400 + "end.\n"
+    cut = data.tail_cut(text, round(0.95 * len(text)), lines_from=len(text) // 2)
+    assert text[cut] == " " and abs(cut - 0.95 * len(text)) < 5
+
+
+@pytest.mark.parametrize("kind", ["files", "jsonl"])
+def test_a_few_documents_hold_out_the_tail_of_the_last(tmp_path, kind):
+    docs = [lines(10 * (i + 1), start=100 * i) for i in range(3)]
+    if kind == "files":
+        source = tmp_path / "three"
+        source.mkdir()
+        for i, doc in enumerate(docs):
+            (source / f"{i}.txt").write_text(doc, encoding="utf-8")
+    else:  # rows are counted only by reading them: the first pass finds too few and is redone
+        source = tmp_path / "three.jsonl"
+        source.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs), encoding="utf-8")
+    tok = ByteTokenizer()
+    summary = prep(source, tmp_path / "out", tokenizer=tok, shard_tokens=100)
+    assert summary["val_split"] == "tail" and (summary["train_documents"], summary["val_documents"]) == (3, 1)
+    train = documents_of(tok, split_stream(tmp_path / "out", "train"))
+    (val,) = documents_of(tok, split_stream(tmp_path / "out", "val"))
+    assert train[:2] == docs[:2] and train[2] + val == docs[2] and val.startswith("\nLine 2")
+    assert 2 <= val.count("\n") <= 4  # about 5% of 60 lines
+    manifest = read_manifest(tmp_path / "out")
+    shards = {s["file"] for split in data.SPLITS for s in manifest["splits"][split]["shards"]}
+    assert {p.name for p in (tmp_path / "out").glob("*.bin")} == shards  # nothing left of a first pass
+
+
+def test_a_tail_without_line_breaks_is_cut_between_words_or_documents(tmp_path):
+    tok = ByteTokenizer()
+    text = "word " * 100 + "end"
+    (tmp_path / "words.txt").write_text(text)
+    assert prep(tmp_path / "words.txt", tmp_path / "out", tokenizer=tok)["val_split"] == "tail"
+    (head,), (tail,) = (documents_of(tok, split_stream(tmp_path / "out", split)) for split in data.SPLITS)
+    assert head + tail == text and tail.startswith(" word") and len(tail) < 0.1 * len(text)
+    (tmp_path / "xyz").mkdir()
+    for name in "xyz":
+        (tmp_path / "xyz" / f"{name}.txt").write_text(name)
+    prep(tmp_path / "xyz", tmp_path / "out2", tokenizer=tok)  # no place to cut inside "z": before it
+    assert [documents_of(tok, split_stream(tmp_path / "out2", split)) for split in data.SPLITS] == [["x", "y"], ["z"]]
+
+
+def test_text_too_small_to_split_needs_val_fraction_0(tmp_path):
+    (tmp_path / "one.txt").write_text("supercalifragilistic\n")
+    with pytest.raises(DataError, match="one.txt is too small to hold out a validation split.*--val-fraction 0"):
         prep(tmp_path / "one.txt", tmp_path / "out")
-    assert prep(tmp_path / "one.txt", tmp_path / "out", val_fraction=0)["train_documents"] == 1
+    assert not (tmp_path / "out").exists()
+    summary = prep(tmp_path / "one.txt", tmp_path / "out", val_fraction=0)
+    assert summary["train_documents"] == 1 and summary["val_split"] == "none"
+    assert not data.DataFolder.open(tmp_path / "out").has_split("val")
     with pytest.raises(DataError, match="no val tokens"):
         TokenShards(tmp_path / "out", "val")
-    (tmp_path / "few").mkdir()
+
+
+def test_first_contact_prepare_then_train_with_no_options(tmp_path, capsys):
+    """`gpt2lab prepare input.txt` then `gpt2lab train`: a text file, and a folder of three."""
+    (tmp_path / "input.txt").write_text(lines(400), encoding="utf-8")
+    (tmp_path / "three").mkdir()
     for i in range(3):
-        (tmp_path / "few" / f"{i}.txt").write_text("x")
-    with pytest.raises(DataError, match="gave 3 document.* needs at least 10"):
-        prep(tmp_path / "few", tmp_path / "out2", val_fraction=0.05)
+        (tmp_path / "three" / f"{i}.txt").write_text(lines(150, start=1000 * i), encoding="utf-8")
+    for source in ("input.txt", "three"):
+        out, run = tmp_path / f"data-{source}", tmp_path / f"run-{source}"
+        assert main(["prepare", str(tmp_path / source), "--out", str(out), "--no-progress"]) == 0
+        assert json.loads(capsys.readouterr().out)["val_split"] == "tail"
+        folder = data.DataFolder.open(out)
+        assert folder.val_split == "tail" and folder.tokens("val") > 17
+        assert main(["train", "--data", str(out), "--out", str(run), "--model", "gpt2-nano", "--max-steps", "3",
+                     "--block-size", "16", "--batch-size", "2", "--eval-interval", "0", "--eval-batches", "1",
+                     "--device", "cpu", "--peak-tflops", "1"]) == 0
+        assert "validation loss" in capsys.readouterr().out
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert rows[-1]["step"] == 3 and "val_loss" in rows[-1]
+
+
+def test_train_without_a_validation_split_trains_without_evaluation(tmp_path, capsys):
+    (tmp_path / "input.txt").write_text(lines(100), encoding="utf-8")
+    assert main(["prepare", str(tmp_path / "input.txt"), "--out", str(tmp_path / "data"), "--val-fraction", "0",
+                 "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["val_split"] == "none"
+    assert main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--model", "gpt2-nano",
+                 "--max-steps", "3", "--block-size", "16", "--batch-size", "2", "--device", "cpu",
+                 "--peak-tflops", "1"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("no validation split") == 1 and "training without evaluation" in captured.err
+    assert "validation loss" not in captured.out
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 3 and not any("val_loss" in row for row in rows)
 
 
 def test_undecodable_bytes_are_named_by_file_and_offset(tmp_path, monkeypatch):
@@ -813,6 +945,7 @@ HOSTILE_MANIFESTS = {  # what a damaged, hand-edited or hostile manifest may hol
     "dtype too narrow": ("tokenizer.vocab_size", 70_000, "a vocabulary of 70000 ids is stored as uint32"),
     "no source": ("source", _DELETE, "source is missing"),
     "no fingerprint": ("fingerprint", _DELETE, "fingerprint is missing"),
+    "val_split unknown": ("val_split", "middle", "val_split should be one of documents, tail, none, not \"middle\""),
 }
 
 
@@ -872,6 +1005,30 @@ def prepared(tmp_path, corpus):
     tok = ByteTokenizer()
     prep(folder, tmp_path / "out", tokenizer=tok, val_fraction=0.1, shard_tokens=97)  # windows cross shards
     return tmp_path / "out", np.array(split_stream(tmp_path / "out", "train"))
+
+
+def test_a_data_folder_reads_its_manifest_once_and_answers_from_it(prepared, monkeypatch):
+    folder, tokens = prepared
+    expected = Loader(folder, "train", batch_size=2, block_size=8, seed=1).get(3)
+    manifest = read_manifest(folder)
+    opened = data.DataFolder.open(folder)
+    assert data.DataFolder.open(opened) is opened
+
+    def read_again(*args, **kwargs):
+        pytest.fail("the manifest was read again")
+
+    monkeypatch.setattr(data, "read_manifest", read_again)
+    loaders = {split: opened.loader(split, batch_size=2, block_size=8, seed=1) for split in data.SPLITS}
+    assert all(torch.equal(u, v) for u, v in zip(loaders["train"].get(3), expected, strict=True))
+    assert opened.shards("train").read([0], len(tokens))[0].tolist() == tokens.tolist()
+    assert opened.source == manifest["source"]["spec"] and opened.vocab_size == 257
+    assert opened.tokens("train") == len(tokens) and opened.documents("val") == 2 and opened.has_split("val")
+    assert opened.bytes_per_token("val") == manifest["splits"]["val"]["bytes_per_token"]
+    assert opened.val_split == "documents" and opened.fingerprint == manifest["fingerprint"]
+    monkeypatch.undo()
+    del manifest["val_split"]  # a folder prepared before tail splits existed says nothing: it held out documents
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert data.DataFolder.open(folder).val_split == "documents"
 
 
 def test_windows_come_from_the_stream_and_y_is_x_shifted(prepared):

@@ -50,6 +50,15 @@ def test_learned_vocabulary_sees_the_training_split_only(tmp_path):
     assert learned_vocabulary(str(tmp_path / "corpus"), 300, tmp_path / "out") == folder  # cached
 
 
+def test_learned_vocabulary_of_one_text_file_leaves_out_its_held_out_tail(tmp_path):
+    # One document: the validation split is the text's tail, here the "zyzzyva" lines after the first.
+    (tmp_path / "input.txt").write_text("thou art " * 2000 + "\n" + "zyzzyva\n" * 40)
+    folder = learned_vocabulary(str(tmp_path / "input.txt"), 300, tmp_path / "out")
+    tok = Tokenizer.from_dir(folder)
+    assert len(tok.encode(" thou")) == 1
+    assert len(tok.encode("zyzzyva")) > 3
+
+
 def test_demo_trains_samples_plots_and_reports_bits_per_byte(tmp_path):
     write_corpus(tmp_path / "corpus")
     cfg = TrainConfig(model="gpt2-nano", batch_size=4, block_size=32, max_steps=6, warmup_steps=2, lr=3e-3,

@@ -7,6 +7,8 @@ import math
 import os
 import random
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -339,7 +341,7 @@ def test_a_wrong_bigbench_name_is_refused_before_any_download(models, tmp_path, 
     def no_download(*args, **kwargs):
         pytest.fail("the bigbench package was fetched for a name that the task list rules out")
 
-    monkeypatch.setattr(ev, "corpus_files", no_download)
+    monkeypatch.setattr(ev, "bigbench_task_files", no_download)
     monkeypatch.setattr("gpt2lab.fetch.fetch_package", no_download)
     monkeypatch.setattr("gpt2lab.fetch._download", no_download)
     with pytest.raises(TaskFormatError, match=message) as e:
@@ -356,6 +358,17 @@ def test_a_wrong_bigbench_name_is_refused_before_any_download(models, tmp_path, 
 def test_the_bigbench_task_list_is_sorted_and_has_the_tasks_gpt2lab_documents():
     assert list(ev.BIGBENCH_TASKS) == sorted(set(ev.BIGBENCH_TASKS)) and len(ev.BIGBENCH_TASKS) == 167
     assert {"riddle_sense", "hhh_alignment", "cause_and_effect", "logical_deduction"} <= set(ev.BIGBENCH_TASKS)
+
+
+def test_importing_evaluate_leaves_the_corpus_catalog_alone():
+    from gpt2lab import data
+
+    assert "bigbench" not in data.CATALOG  # evaluate is imported here: BIG-bench is its own, not prepare's
+    # Before and after the import, in a fresh interpreter (this one imported evaluate long ago).
+    code = ("import json; from gpt2lab import data; before = dict(data.CATALOG); import gpt2lab.evaluate; "
+            "print(json.dumps([sorted(before), data.CATALOG == before]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == [["kjv", "shakespeare"], True]
 
 
 # -- ranking: a model taught the answers beats chance, a random one does not -----------------------------------

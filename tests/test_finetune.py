@@ -14,7 +14,7 @@ from conftest import hf_model
 from gpt2lab import GPTConfig, load_model, save_checkpoint
 from gpt2lab.checkpoint import latest_checkpoint, load_tokenizer, prompt_template
 from gpt2lab.cli import main
-from gpt2lab.errors import DataError, TrainingError
+from gpt2lab.errors import ConfigError, DataError, TrainingError
 from gpt2lab.finetune import (
     Example,
     ExampleBatches,
@@ -28,11 +28,13 @@ from gpt2lab.finetune import (
 )
 from gpt2lab.lora import ADAPTER_CONFIG, LoRALinear
 from gpt2lab.model import GPT
+from gpt2lab.template import PromptTemplate
 from gpt2lab.tokenizer import EOT, Tokenizer, Vocabulary
 from gpt2lab.train import lm_loss
 
 MERGES = ((b" ", b"t"), (b"h", b"e"), (b" t", b"he"), (b"i", b"n"), (b"e", b"r"))
 TEMPLATE = "Q: {prompt}\nA:"
+PROMPT = PromptTemplate(TEMPLATE)
 
 
 def tokenizer() -> Tokenizer:
@@ -72,7 +74,7 @@ def pairs(tmp_path) -> Path:
 def config(**kw) -> FinetuneConfig:
     base = dict(batch_size=4, micro_batch=2, max_steps=6, warmup_steps=2, eval_interval=3, eval_batches=2,
                 log_interval=1, ckpt_interval=3, keep_last=5, device="cpu", peak_tflops=1.0, patience=0)
-    return FinetuneConfig(**(base | kw))
+    return FinetuneConfig.for_method(**(base | kw))
 
 
 def run(base, data, out, **kw):
@@ -121,7 +123,7 @@ def test_format_detection(tmp_path, pairs):
 def test_examples_are_prompt_completion_eot_with_too_long_ones_skipped_or_truncated():
     rows = [("x.jsonl line 1", "hi", " there"), ("x.jsonl line 2", "x" * 30, " " + "y" * 30),
             ("x.jsonl line 5", "z" * 40, "w")]
-    kw = dict(template=TEMPLATE, max_tokens=40)
+    kw = dict(template=PROMPT, max_tokens=40)
     got = tokenize_examples(iter(rows), TOK, **kw)
     assert got.skipped == ["x.jsonl line 2", "x.jsonl line 5"] and got.truncated == []
     (ex,) = got.examples
@@ -137,8 +139,30 @@ def test_examples_are_prompt_completion_eot_with_too_long_ones_skipped_or_trunca
 
 
 def test_template_braces_in_prompts_are_text():
-    (ex,) = tokenize_examples(iter([("", "{x} {prompt}", "!")]), TOK, template=TEMPLATE, max_tokens=99).examples
+    (ex,) = tokenize_examples(iter([("", "{x} {prompt}", "!")]), TOK, template=PROMPT, max_tokens=99).examples
     assert TOK.decode(ex.ids[:ex.n_prompt]) == "Q: {x} {prompt}\nA:"
+
+
+@pytest.mark.parametrize("text", ["no placeholder", "{prompt} and {prompt}", "{Prompt}"])
+def test_a_prompt_template_needs_its_placeholder_exactly_once(text):
+    with pytest.raises(DataError, match="exactly once"):
+        PromptTemplate(text)
+
+
+def test_prompt_template_formats_by_plain_substitution():
+    assert PROMPT.format("What is {x}?") == "Q: What is {x}?\nA:"
+    assert PromptTemplate().format("hi").endswith("hi\n\n### Response:\n")
+
+
+def test_finetune_config_defaults_per_method():
+    full, lora = FinetuneConfig.for_method("full"), FinetuneConfig.for_method("lora", max_steps=50)
+    assert (full.lr, lora.lr, lora.max_steps) == (1e-4, 1e-3, 50)
+    assert full.keep_best and full.patience == 4 and full.batch_size == 8 and full.weight_decay == 0.0
+    assert FinetuneConfig.for_method("lora", lr=3e-3).lr == 3e-3
+    assert FinetuneConfig(method="lora").lr is None and FinetuneConfig(method="lora").peak_lr == 1e-3
+    for bad in (dict(lr=0.0), dict(min_lr=2e-4), dict(method="prefix"), dict(lora_rank=0)):
+        with pytest.raises(ConfigError):
+            FinetuneConfig.for_method(**bad)
 
 
 def test_padded_batch_masks_everything_but_completion_and_eot():
@@ -154,7 +178,7 @@ def test_prompt_tokens_contribute_nothing_to_the_loss():
     torch.manual_seed(0)
     model = GPT(tiny_cfg()).eval()
     rows = [("", "3 plus 4", " 7"), ("", "a longer prompt than the other", " yes"), ("", "", " empty prompt")]
-    examples = tokenize_examples(iter(rows), TOK, template=TEMPLATE, max_tokens=49).examples
+    examples = tokenize_examples(iter(rows), TOK, template=PROMPT, max_tokens=49).examples
     batch = pad_batch(examples, TOK.eot_id)
     logits = model(batch[0]).detach().requires_grad_(True)
     loss = lm_loss(logits, batch)
@@ -315,6 +339,8 @@ def test_cli_finetune_and_lora_merge(base, pairs, tmp_path, capsys):
             "1", "--template", TEMPLATE, "--merge"]
     assert main(argv) == 0
     assert "merged" in capsys.readouterr().out
+    provenance = json.loads((out / "provenance.jsonl").read_text())
+    assert provenance["train_config"]["lr"] == 1e-3 and provenance["train_config"]["keep_best"]  # LoRA's defaults
     assert main(["lora", "merge", str(out), "--out", str(tmp_path / "hf"), "--hf"]) == 0
     from transformers import GPT2LMHeadModel
 

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from test_train import Corpus, assert_same_weights, config, run, tiny_model
 
 from gpt2lab.checkpoint import latest_checkpoint
 from gpt2lab.errors import GPT2LabError, TrainingError
 from gpt2lab.files import LockedError
-from gpt2lab.rundir import STATE_FILE, RunDir
+from gpt2lab.rundir import STATE_FILE, RunDir, seed_everything
 from gpt2lab.train import fit
 
 TESTS = str(Path(__file__).parent)
@@ -108,6 +111,37 @@ def test_a_fresh_start_on_a_finished_run_deletes_nothing(tmp_path):
     with pytest.raises(TrainingError, match="already holds a run"):
         run(tmp_path, "r", config(max_steps=4))
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+# -- training state ----------------------------------------------------------------------------------
+
+
+def test_a_checkpoints_training_state_restores_every_rng_and_refuses_a_changed_config(tmp_path):
+    config = {"model": "gpt2-nano", "batch_size": 4, "block_size": 8, "seed": 3, "dropout": 0.0, "lr": 1e-3}
+
+    def write_model(folder: Path) -> None:
+        (folder / "config.json").write_text("{}")
+        save_file({"w": torch.zeros(2)}, str(folder / "model.safetensors"))
+
+    run = RunDir.open(tmp_path / "r", resume=False)
+    seed_everything(3)
+    run.save(5, write_model, progress={"step": 5, "tokens": 40}, config=config, optimizer={"state": {}},
+             world_size=1)
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    run.close()
+    resumed = RunDir.open(tmp_path / "r", resume=True)
+    try:
+        state = resumed.state
+        assert state.checkpoint == resumed.resume_from == tmp_path / "r/checkpoints/step-00000005"
+        assert state.progress == {"step": 5, "tokens": 40} and state.config == config
+        state.restore_rng()
+        got = (random.random(), np.random.rand(), torch.rand(3))
+        assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+        state.check_resumable(config | {"lr": 2e-3})  # the learning rate may change on resume
+        with pytest.raises(TrainingError, match="step-00000005 was trained with seed=3 but this run asks for 4"):
+            state.check_resumable(config | {"seed": 4})
+    finally:
+        resumed.close()
 
 
 # -- what crashes leave behind ---------------------------------------------------------------------

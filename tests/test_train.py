@@ -18,17 +18,11 @@ import torch.nn.functional as F
 
 from gpt2lab import load_model, preset
 from gpt2lab.checkpoint import latest_checkpoint
+from gpt2lab.config import TrainConfig
 from gpt2lab.errors import TrainingError
+from gpt2lab.metrics import flops_per_token
 from gpt2lab.model import GPT
-from gpt2lab.train import (
-    Strategy,
-    TrainConfig,
-    fit,
-    flops_per_token,
-    learning_rate,
-    lm_loss,
-    param_groups,
-)
+from gpt2lab.train import Strategy, fit, learning_rate, lm_loss, param_groups
 
 VOCAB = 64
 

@@ -31,8 +31,9 @@ def newest_run(demo: Path) -> Path:
 
 def write_held_out(data_dir: Path, path: Path) -> Path:
     """The validation split's text: byte-level BPE decodes exactly; document boundaries become line breaks."""
-    tok = datasets.load_tokenizer(data_dir)
-    ids = datasets.TokenShards(data_dir, "val").read([0], len(datasets.TokenShards(data_dir, "val")))[0]
+    data = datasets.DataFolder.open(data_dir)
+    tok, shards = data.tokenizer, data.shards("val")
+    ids = shards.read([0], len(shards))[0]
     docs = [tok.decode_bytes(part[part != tok.eot_id]) for part in np.split(ids, np.flatnonzero(ids == tok.eot_id))]
     path.write_bytes(b"\n".join(d for d in docs if d))
     return path

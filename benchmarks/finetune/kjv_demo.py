@@ -45,7 +45,7 @@ def main() -> None:
     reports = {}
     for method in ("full", "lora"):
         lr = args.lr_full if method == "full" else args.lr_lora
-        cfg = FinetuneConfig(method=method, lr=lr, max_minutes=args.minutes, max_steps=10_000, **SETTINGS)
+        cfg = FinetuneConfig.for_method(method, lr=lr, max_minutes=args.minutes, max_steps=10_000, **SETTINGS)
         print(f"\n=== {method} fine-tuning of {base} on the King James Bible ({args.minutes:g} min) ===")
         reports[method] = finetune(str(base), data=data, out=str(out / method), config=cfg)
         print(reports[method])

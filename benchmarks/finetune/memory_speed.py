@@ -46,9 +46,10 @@ class Tokens:
         return x[:, :-1], x[:, 1:]
 
 
-cfg = FinetuneConfig(method={method!r}, gradient_checkpointing={ckpt}, batch_size=B, micro_batch=B, block_size=T,
-                     max_steps=STEPS, warmup_steps=1, eval_interval=0, log_interval=1, ckpt_interval=10**6,
-                     keep_last=1, keep_best=False, patience=0, device="cpu", peak_tflops=1.0, model={path!r})
+cfg = FinetuneConfig.for_method({method!r}, gradient_checkpointing={ckpt}, batch_size=B, micro_batch=B,
+                                block_size=T, max_steps=STEPS, warmup_steps=1, eval_interval=0, log_interval=1,
+                                ckpt_interval=10**6, keep_last=1, keep_best=False, patience=0, device="cpu",
+                                peak_tflops=1.0, model={path!r})
 model = load_for_finetuning({path!r}, cfg, None)
 marks = {{}}
 

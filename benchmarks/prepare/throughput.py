@@ -83,7 +83,7 @@ def main() -> None:
                 fn()
                 times[name].append(time.perf_counter() - t0)
 
-        ours = data.TokenShards(tmp / "a", "train")
+        ours = data.DataFolder.open(tmp / "a").shards("train")
         ours = ours.read([0], ours.n_tokens)[0]
         for ref in ("nano.bin", "hf.bin"):
             assert np.array_equal(np.fromfile(tmp / ref, dtype=np.uint16), ours), f"{ref} differs from gpt2lab's tokens"

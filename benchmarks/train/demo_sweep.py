@@ -72,7 +72,7 @@ def _train(arch: str, vocab: str, data_root: Path, out: Path, *, device: str, st
     from gpt2lab.train import TrainConfig, pretrain
 
     data_dir = data_root / vocab
-    vocab_size = datasets.read_manifest(data_dir)["tokenizer"]["vocab_size"]
+    vocab_size = datasets.DataFolder.open(data_dir).vocab_size
     run = out / "runs" / f"{arch}-{vocab}-lr{lr:g}-{steps}-{device.split(':')[0]}"
     cfg = TrainConfig(model=_config_file(arch, vocab_size, out), batch_size=BATCH, block_size=BLOCK,
                       max_steps=steps, lr=lr, min_lr=lr / 10, warmup_steps=min(50, steps // 10),

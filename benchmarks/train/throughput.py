@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from gpt2lab import GPT, export_hf, preset
-from gpt2lab.train import TrainConfig, fit, flops_per_token, param_groups, peak_flops
+from gpt2lab.config import TrainConfig
+from gpt2lab.metrics import flops_per_token, peak_flops
+from gpt2lab.train import fit, param_groups
 
 CASES = {  # name -> (preset, vocab, batch, block, timed steps)
     "demo (gpt2-micro, 4096 ids)": ("gpt2-micro", 4096, 16, 256, 12),

@@ -1,10 +1,12 @@
-"""Model configuration: one keyword-only dataclass and the named presets. No torch here."""
+"""Configuration as keyword-only dataclasses: a model's shape (GPTConfig, and the named presets)
+and a training run's (TrainConfig). No torch here."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from .errors import ConfigError
 
@@ -117,3 +119,115 @@ def preset(name: str, **overrides: Any) -> GPTConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
     return dataclasses.replace(PRESETS[name], **overrides)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything that shapes a training run. Every field is also a `gpt2lab train` option."""
+
+    model: str = "gpt2-mini"
+    """Model preset (gpt2, gpt2-medium, ..., gpt2-mini) or a config.json; the vocabulary comes from the data."""
+    dropout: float = 0.0
+    """Dropout probability while training (fine-tuning replaces the checkpoint's with it)."""
+    batch_size: int = 32
+    """Sequences per optimizer step, over all processes (prompt/completion fine-tuning: examples)."""
+    micro_batch: int = 0
+    """Sequences per forward pass in each process (0: batch_size / processes); the rest is accumulation."""
+    block_size: int = 0
+    """Tokens per training sequence (0: the model's context length)."""
+    max_steps: int = 1000
+    """Optimizer steps to train for (fewer when max_minutes, a signal or patience ends the run first)."""
+    max_minutes: float = 0.0
+    """Stop (with a checkpoint) after this much wall-clock time; 0 for no limit."""
+    lr: float = 6e-4
+    """Peak learning rate, reached after warmup."""
+    min_lr: float = 6e-5
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 100
+    """Steps of linear warmup from 0 to lr."""
+    decay_steps: int = 0
+    """Step at which the cosine reaches min_lr (0: max_steps; with max_minutes, the end of the time budget)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to 2-D weights only (not biases or LayerNorm parameters)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+    seed: int = 0
+    """Seed of the model init, the data order and dropout."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 autocast on GPU, fp32 on CPU; bf16: bf16 autocast on any device."""
+    compile: bool = False
+    """Compile the model with torch.compile."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto (a GPU when there is one; torchrun ranks take their local GPU)."""
+    fsdp: bool = False
+    """Under torchrun, shard parameters, gradients and optimizer state with FSDP2 instead of DDP."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    eval_interval: int = 100
+    """Evaluate on the validation data every N steps, at the start and at the end (0: only at the end)."""
+    eval_batches: int = 20
+    """Validation batches per evaluation."""
+    log_interval: int = 10
+    """Write a metrics line every N steps."""
+    ckpt_interval: int = 500
+    """Save a checkpoint every N steps, at the end, and (with keep_best) at every new best."""
+    keep_last: int = 3
+    """Checkpoints to keep (the best one, with keep_best, is kept besides)."""
+    keep_best: bool = False
+    """Save a checkpoint whenever the validation loss improves, keep it, and name it in best.json."""
+    patience: int = 0
+    """Stop after this many evaluations without a better validation loss (0: never)."""
+    tensorboard: bool = False
+    """Also write TensorBoard logs to RUN_DIR/tensorboard (needs the tensorboard package)."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s per device for MFU (0: a data-sheet table for GPUs, a measured matmul on CPU)."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # nan and inf pass every comparison below unnoticed
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be in [0, 2**63), got {self.seed}")
+        if not self.eps > 0:
+            raise ConfigError(f"eps must be positive, got {self.eps}")
+        positive = ("batch_size", "max_steps", "log_interval", "ckpt_interval", "keep_last", "eval_batches")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("micro_batch", "block_size", "warmup_steps", "decay_steps", "eval_interval", "patience"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 or positive, got {getattr(self, name)}")
+        for name in ("max_minutes", "weight_decay", "grad_clip", "peak_tflops", "min_lr"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError(f"AdamW betas must be in [0, 1), got ({self.beta1}, {self.beta2})")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.patience and not self.eval_interval:
+            raise ConfigError("patience needs periodic evaluation: set eval_interval too")
+        if self.micro_batch and self.batch_size % self.micro_batch:
+            raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch ({self.micro_batch})")
+
+    def accumulation(self, world_size: int) -> tuple[int, int]:
+        """(micro_batch, gradient accumulation steps) for `world_size` processes."""
+        micro = self.micro_batch or self.batch_size // world_size
+        if micro == 0 or self.batch_size % (micro * world_size):
+            raise ConfigError(
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batch ({micro or '?'}) "
+                f"x processes ({world_size}); change --batch-size or --micro-batch"
+            )
+        return micro, self.batch_size // (micro * world_size)

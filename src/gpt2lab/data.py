@@ -5,7 +5,12 @@
     manifest.json        written last: a folder holding it is complete
     tokenizer/           the tokenizer the tokens were made with (Tokenizer.save)
     train_000000.bin ... the training split, one stream of tokens cut into shards
-    val_000000.bin ...   the held-out split: whole documents, none of them also in train
+    val_000000.bin ...   the held-out split: whole documents, none of them also in train; or, for a
+                         corpus of too few documents to hold whole ones out (one text file), the
+                         tail of its text, cut where a line ends (the manifest's "val_split" says which)
+
+`DataFolder.open(path)` is the one reader of a prepared folder: it reads the manifest once and hands
+out the tokenizer, the loaders and bytes per token; nothing else reads the manifest or names the files.
 
 A folder is a data folder only when its manifest is gpt2lab's and it holds nothing else (is_data_folder):
 prepare replaces only such a folder, and one made from other input or options only with --force.
@@ -28,6 +33,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -49,10 +55,13 @@ from tqdm import tqdm
 from . import files
 from .errors import DataError
 from .fetch import Package, fetch_package, sha256_file
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, first_safe_cut, last_safe_cut, safe_cuts
 
 Split = Literal["train", "val"]
 SPLITS: tuple[Split, ...] = ("train", "val")
+# How the val split was taken: whole documents, the tail of the text, or not at all (--val-fraction 0).
+ValSplit = Literal["documents", "tail", "none"]
+VAL_SPLITS: tuple[ValSplit, ...] = ("documents", "tail", "none")
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "gpt2lab-tokens"
 FORMAT_VERSION = 1
@@ -149,38 +158,21 @@ BATCH_CHARS = 1 << 21  # characters handed to the tokenizer's threads at once
 Document = str | Iterable[str]
 
 
-def safe_cut(text: str, limit: int) -> int | None:
-    """A position where `text` may be cut into two pieces that, tokenized apart, give the tokens of
-    the whole: the last one at or before `limit`, else the first after it, else None.
-
-    Such a place is just after a newline with non-space characters on both sides: that newline is
-    a pre-token of its own under GPT-2's regex (and cl100k's), and nothing merges across it.
-    """
-    def safe(i: int) -> bool:
-        return 0 < i < len(text) - 1 and not text[i - 1].isspace() and not text[i + 1].isspace()
-
-    i = text.rfind("\n", 0, limit)
-    while i >= 0 and not safe(i):
-        i = text.rfind("\n", 0, i)
-    if i < 0:
-        i = text.find("\n", limit)
-        while i >= 0 and not safe(i):
-            i = text.find("\n", i + 1)
-    return i + 1 if i >= 0 else None
-
-
 def text_pieces(texts: Iterable[str], size: int = PIECE_CHARS) -> Iterator[str]:
     """Re-cut a stream of text into pieces of about `size` characters that, tokenized one by one,
-    give the tokens of the whole (see safe_cut). Text without a safe cut in 64 times that length
-    (no line breaks at all) is cut there anyway, which may split one token in two at that point."""
+    give the tokens of the whole (cut only at the tokenizer's safe cuts, tokenizer.SAFE_CUT). Text
+    without a safe cut in 64 times that length (no spaces or line breaks at all) is cut there
+    anyway, which may split one token in two at that point."""
     carry = ""
     for text in texts:
         carry += text
         while len(carry) > size:
-            cut = safe_cut(carry, size)
-            if cut is None and len(carry) > 64 * size:
+            cut = last_safe_cut(carry, 1, size + 1)
+            if cut < 0:
+                cut = first_safe_cut(carry, size + 1)
+            if cut < 0 and len(carry) > 64 * size:
                 cut = size
-            if cut is None:
+            if cut < 0:
                 break  # wait for more text
             yield carry[:cut]
             carry = carry[cut:]
@@ -293,7 +285,8 @@ CATALOG: dict[str, Corpus] = {}
 
 
 def register(corpus: Corpus) -> Corpus:
-    """Add a corpus to the catalog (other modules add theirs, e.g. evaluation tasks)."""
+    """Add a corpus to the catalog of what `prepare` can name (for a user's own corpus; gpt2lab's
+    modules add nothing at import, so the catalog is the same whatever has been imported)."""
     if CATALOG.get(corpus.name, corpus) != corpus:
         raise ValueError(f"a different corpus is already registered as {corpus.name!r}")
     CATALOG[corpus.name] = corpus
@@ -348,7 +341,7 @@ class _Source:
     fingerprint: str  # changes whenever the documents may have
     size: int | None  # bytes of text, when known up front (for the progress bar)
     documents: Callable[[], Iterator[Document]]
-    single: bool = False  # one document whatever it holds (a text file)
+    count: int | None = None  # documents, when known before reading (plain text files: one each)
 
 
 def _open_source(spec: str, field: str, errors: DecodeErrors) -> _Source:
@@ -372,9 +365,10 @@ def _open_source(spec: str, field: str, errors: DecodeErrors) -> _Source:
         files = [root]
     stats = [(p.relative_to(root).as_posix() if root.is_dir() else p.name, p.stat().st_size, p.stat().st_mtime_ns)
              for p in files]
-    return _Source(spec=spec, fingerprint="files " + _sha256_json(stats), size=_text_size(files),
+    size = _text_size(files)
+    return _Source(spec=spec, fingerprint="files " + _sha256_json(stats), size=size,
                    documents=lambda: file_documents(files, field, errors),
-                   single=root.is_file() and root.suffix != ".jsonl")
+                   count=None if size is None else sum(1 for _, nbytes, _ in stats if nbytes))
 
 
 def _hf_source(spec: str, field: str, errors: DecodeErrors) -> _Source:
@@ -423,6 +417,15 @@ def held_out(index: int, val_fraction: float) -> bool:
     return math.floor((index + 1) * val_fraction + 0.5) > math.floor(index * val_fraction + 0.5)
 
 
+def _enough_documents(n: int, val_fraction: float) -> bool:
+    """Whether held_out puts at least one of n documents in the val split."""
+    return math.floor(n * val_fraction + 0.5) > 0
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
 def _pieces(documents: Iterable[Document], val_fraction: float) -> Iterator[_Piece]:
     """Every document's non-empty pieces, with its split; empty documents are dropped (no <|endoftext|>)."""
     index = 0
@@ -433,10 +436,64 @@ def _pieces(documents: Iterable[Document], val_fraction: float) -> Iterator[_Pie
             if text:
                 if prev is not None:
                     yield prev
-                prev = _Piece(text, split, False, len(text) if text.isascii() else len(text.encode("utf-8")))
+                prev = _Piece(text, split, False, _utf8_len(text))
         if prev is not None:
             yield dataclasses.replace(prev, last=True)
             index += 1
+
+
+def tail_cut(text: str, at: int, *, lines_from: int = 0) -> int | None:
+    """Where to cut `text` so that about `at` of its UTF-8 bytes come before the cut: at the nearest
+    line break with at least `lines_from` bytes before it, else at the nearest safe cut inside a line
+    (tokenizer.SAFE_CUT); None if there is neither. Both sides keep some non-space text."""
+    def char(nbytes: int) -> int:  # the character index at (about) a byte offset
+        nbytes = min(max(nbytes, 0), len(text.encode("utf-8")))
+        return nbytes if text.isascii() else len(text.encode("utf-8")[:nbytes].decode("utf-8", "ignore"))
+
+    target, first_line = char(at), char(lines_from)
+    lo, hi = len(text) - len(text.lstrip()), len(text.rstrip())  # the non-space text lies in [lo, hi)
+    lines, others = [], []
+    for cut in safe_cuts(text, lo + 1, hi):
+        # A cut at "\r" or "\n" lies between two lines, unless it would part the "\r\n" that ends one.
+        at_line = text[cut] == "\r" or (text[cut] == "\n" and text[cut - 1] != "\r")
+        (lines if at_line and cut >= first_line else others).append(cut)
+    cuts = lines or others
+    return min(cuts, key=lambda cut: (abs(cut - target), cut)) if cuts else None
+
+
+def _tail_pieces(pieces: Iterable[_Piece], total: int, val_fraction: float, spec: str) -> Iterator[_Piece]:
+    """The pieces of a corpus of `total` bytes with too few documents to hold whole ones out, all in
+    one split: the train split up to a cut near its last val_fraction (tail_cut, in the piece that
+    holds that byte; a line break, unless the only ones there would leave over half the text to
+    validation), the val split after it. A document cut in two ends the train split and begins the
+    val split, each part followed by <|endoftext|>."""
+    cut_at, lines_from = round(total * (1 - val_fraction)), math.ceil(total / 2)
+    it = iter(pieces)
+    held = None  # the piece before, kept back: a cut at the start of a piece ends the one before
+    piece, offset = next(it, None), 0
+    while piece is not None:
+        after = next(it, None)
+        if offset + piece.nbytes <= cut_at and after is not None:
+            if held is not None:
+                yield held
+            held, offset, piece = piece, offset + piece.nbytes, after
+            continue
+        cut = tail_cut(piece.text, cut_at - offset, lines_from=lines_from - offset)
+        if cut is None:  # nothing to cut at inside the piece: at its start, or its end
+            cut = 0 if held is not None else len(piece.text) if after is not None else None
+        if cut is None:
+            raise DataError(f"{spec} is too small to hold out a validation split: its text has no line break or "
+                            "space to cut at; give more text, or pass --val-fraction 0 (no validation)")
+        head, tail = piece.text[:cut], piece.text[cut:]
+        if held is not None:
+            yield dataclasses.replace(held, last=held.last or not head)
+        if head:
+            yield _Piece(head, "train", True, _utf8_len(head))
+        if tail:
+            yield _Piece(tail, "val", piece.last, _utf8_len(tail))
+        for rest in itertools.chain([] if after is None else [after], it):
+            yield dataclasses.replace(rest, split="val")
+        return
 
 
 def _batches(pieces: Iterable[_Piece], chars: int) -> Iterator[list[_Piece]]:
@@ -467,16 +524,44 @@ def _encoded(batches: Iterable[list[_Piece]], tok: Tokenizer,
 
 
 def _write_splits(src: _Source, tok: Tokenizer, folder: Path, *, val_fraction: float, shard_tokens: int,
-                  workers: int | None, progress: bool) -> dict[str, dict[str, Any]]:
-    """Tokenize the source's documents into both splits' shards in `folder`; their statistics."""
+                  workers: int | None, progress: bool) -> tuple[ValSplit, dict[str, dict[str, Any]]]:
+    """Tokenize the source's documents into both splits' shards in `folder`: how the val split was
+    taken, and the splits' statistics.
+
+    The val split holds out whole documents when there are enough for round(n * val_fraction) to
+    be at least one; else it is the last val_fraction of the text (_tail_pieces). A source that
+    cannot be counted before it is read (JSON Lines, a dataset) is read twice when it turns out
+    to have too few documents."""
+    def write(pieces: Iterable[_Piece], desc: str) -> dict[str, dict[str, Any]]:
+        return _write_pieces(pieces, tok, folder, size=src.size, desc=desc, shard_tokens=shard_tokens,
+                             workers=workers, progress=progress)
+
+    desc = f"prepare {src.spec}"
+    if not val_fraction:
+        return "none", write(_pieces(src.documents(), 0.0), desc)
+    if src.count is None or _enough_documents(src.count, val_fraction):
+        stats = write(_pieces(src.documents(), val_fraction), desc)
+        if stats["val"]["documents"] or not stats["train"]["documents"]:
+            return "documents", stats
+        total = stats["train"]["bytes"]  # too few documents after all: again, holding out the tail
+        for info in stats.values():
+            for shard in info["shards"]:
+                (folder / shard["file"]).unlink()
+    else:
+        total = src.size or 0  # plain text files: their bytes (decode_errors=replace may change that a little)
+    tail = _tail_pieces(_pieces(src.documents(), 0.0), total, val_fraction, src.spec)
+    return "tail", write(tail, f"{desc} (validation: the text's tail)")
+
+
+def _write_pieces(pieces: Iterable[_Piece], tok: Tokenizer, folder: Path, *, size: int | None, desc: str,
+                  shard_tokens: int, workers: int | None, progress: bool) -> dict[str, dict[str, Any]]:
+    """Tokenize pieces into their splits' shards in `folder`; the splits' statistics."""
     dtype = token_dtype(tok.vocab_size)
     writers = {s: _ShardWriter(folder, s, dtype, shard_tokens) for s in SPLITS}
     stats = {s: {"documents": 0, "tokens": 0, "bytes": 0} for s in SPLITS}
     try:
-        with tqdm(total=src.size, unit="B", unit_scale=True, desc=f"prepare {src.spec}", disable=not progress,
-                  dynamic_ncols=True) as bar:
-            batches = _batches(_pieces(src.documents(), val_fraction), BATCH_CHARS)
-            for batch, ids in _encoded(batches, tok, workers):
+        with tqdm(total=size, unit="B", unit_scale=True, desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+            for batch, ids in _encoded(_batches(pieces, BATCH_CHARS), tok, workers):
                 for piece, piece_ids in zip(batch, ids, strict=True):
                     info = stats[piece.split]
                     if piece.last:
@@ -495,16 +580,6 @@ def _write_splits(src: _Source, tok: Tokenizer, folder: Path, *, val_fraction: f
             writer.discard()
         raise
     return stats
-
-
-def _check_counts(src: _Source, stats: dict[str, dict[str, Any]], val_fraction: float) -> None:
-    docs = stats["train"]["documents"] + stats["val"]["documents"]
-    if docs == 0:
-        raise DataError(f"{src.spec} holds no text (empty files or rows); give a corpus with some text in it")
-    if val_fraction > 0 and stats["val"]["documents"] == 0:
-        raise DataError(f"{src.spec} gave {docs} document(s); the validation split holds out whole documents, "
-                        f"so --val-fraction {val_fraction} needs at least {math.ceil(0.5 / val_fraction)}: give a "
-                        "folder of several text files or a JSONL file, or pass --val-fraction 0 (no validation)")
 
 
 def _is_prepared(out: Path, fingerprint: str) -> bool:
@@ -566,9 +641,6 @@ def _plan(source: str, tokenizer: str | Tokenizer, field: str, val_fraction: flo
           decode_errors: DecodeErrors) -> tuple[_Source, Tokenizer, dict[str, Any], str]:
     """The opened source, the tokenizer, the options, and the fingerprint of all three."""
     src = _open_source(source, field, decode_errors)
-    if src.single and val_fraction > 0:
-        raise DataError(f"{source} is one document (a text file); the validation split holds out whole documents: "
-                        "give a folder of several text files or a JSONL file, or pass --val-fraction 0")
     tok = _load_tokenizer_spec(tokenizer)
     options = {"field": field, "val_fraction": val_fraction, "shard_tokens": shard_tokens,
                "decode_errors": decode_errors}
@@ -613,7 +685,8 @@ def prepare(source: str, *, out: Path | None = None, tokenizer: str | Tokenizer 
     out: the data folder (default: data/NAME): new, empty or one prepare wrote; replaced once the new one is complete
     tokenizer: gpt2, or a folder holding a tokenizer (e.g. one trained with gpt2lab)
     field: the text field of JSONL rows and Hugging Face datasets
-    val_fraction: share of documents held out for validation, as whole documents, evenly spaced
+    val_fraction: share held out for validation: whole documents, evenly spaced; with too few documents for that
+        (one text file, a handful), the last val_fraction of the text, cut where a line ends ("val_split": "tail")
     shard_tokens: tokens per shard file
     workers: threads that tokenize (default: all cores)
     decode_errors: bytes that are not UTF-8: strict stops, naming the file and byte offset; replace writes U+FFFD
@@ -643,14 +716,15 @@ def prepare(source: str, *, out: Path | None = None, tokenizer: str | Tokenizer 
     started = time.perf_counter()
     with files.atomic_dir(out) as tmp:
         tok.save(tmp / "tokenizer")
-        stats = _write_splits(src, tok, tmp, val_fraction=val_fraction, shard_tokens=shard_tokens,
-                              workers=workers, progress=progress)
-        _check_counts(src, stats, val_fraction)
+        val_split, stats = _write_splits(src, tok, tmp, val_fraction=val_fraction, shard_tokens=shard_tokens,
+                                         workers=workers, progress=progress)
+        if not stats["train"]["documents"]:
+            raise DataError(f"{source} holds no text (empty files or rows); give a corpus with some text in it")
         manifest = {
             "format": MANIFEST_FORMAT, "version": FORMAT_VERSION, "fingerprint": fingerprint,
             "source": {"spec": source, "fingerprint": src.fingerprint},
             "tokenizer": {"name": tok.name, "sha256": tok.sha256, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
-            "dtype": token_dtype(tok.vocab_size).name, "options": options, "splits": stats,
+            "dtype": token_dtype(tok.vocab_size).name, "options": options, "val_split": val_split, "splits": stats,
         }
         files.write_json(tmp / MANIFEST, manifest)  # last: its presence marks the folder complete
     return _summary(out, manifest, unchanged=False, seconds=time.perf_counter() - started)
@@ -662,6 +736,7 @@ def _summary(out: Path, manifest: dict[str, Any], *, unchanged: bool, seconds: f
                "tokenizer": manifest["tokenizer"]["name"]}
     for split in SPLITS:
         summary |= {f"{split}_documents": splits[split]["documents"], f"{split}_tokens": splits[split]["tokens"]}
+    summary["val_split"] = _val_split(manifest)
     summary["val_bytes_per_token"] = splits["val"]["bytes_per_token"]
     if seconds is not None:
         text_bytes = splits["train"]["bytes"] + splits["val"]["bytes"]
@@ -722,6 +797,8 @@ def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
     dtype = get(manifest, "dtype", "", "a string")
     if dtype != token_dtype(vocab).name:
         raise bad("dtype", f"is {_shown(dtype)}; a vocabulary of {vocab} ids is stored as {token_dtype(vocab).name}")
+    if manifest.get("val_split", "documents") not in VAL_SPLITS:  # absent from folders prepared before tail splits
+        raise bad("val_split", f"should be one of {', '.join(VAL_SPLITS)}, not {_shown(manifest['val_split'])}")
     splits = get(manifest, "splits", "", "an object")
     for split in SPLITS:
         info = get(splits, split, "splits", "an object")
@@ -760,38 +837,121 @@ def _plain_name(name: str) -> bool:
     return name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
 
 
+def _val_split(manifest: dict[str, Any]) -> ValSplit:
+    if "val_split" in manifest:
+        return manifest["val_split"]
+    return "documents" if manifest["splits"]["val"]["tokens"] else "none"  # folders from before the tail split
+
+
+class DataFolder:
+    """A prepared data folder: its manifest read and checked once, and all that others need from it
+    (the tokenizer, loaders, shards, counts, bytes per token). Other modules ask it, never the files.
+
+        data = DataFolder.open("data/shakespeare")
+        train = data.loader("train", batch_size=8, block_size=256, seed=0)
+        val = data.loader("val", batch_size=8, block_size=256) if data.has_split("val") else None
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path = path
+        self.manifest = manifest  # checked by read_manifest; the methods below are its readers
+
+    @classmethod
+    def open(cls, path: str | Path | DataFolder) -> DataFolder:
+        """The prepared folder at `path` (DataError when it is incomplete, damaged or not one)."""
+        if isinstance(path, DataFolder):
+            return path
+        return cls(Path(path), read_manifest(path))
+
+    def __repr__(self) -> str:
+        return f"DataFolder({str(self.path)!r})"
+
+    @property
+    def source(self) -> str:
+        """What it was prepared from: a catalog name, a path, or hf:NAME."""
+        return self.manifest["source"]["spec"]
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes whenever the input, the options or the tokenizer do."""
+        return self.manifest["fingerprint"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest["tokenizer"]["vocab_size"]
+
+    @property
+    def dtype(self) -> np.dtype:
+        """How the shards store a token (little-endian uint16 or uint32)."""
+        return np.dtype(self.manifest["dtype"]).newbyteorder("<")
+
+    @property
+    def val_split(self) -> ValSplit:
+        """How the val split was taken: whole documents, the text's tail, or none (--val-fraction 0)."""
+        return _val_split(self.manifest)
+
+    @functools.cached_property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer the tokens were made with (checked against the manifest's hash)."""
+        tok = Tokenizer.from_dir(self.path / "tokenizer")
+        expected = self.manifest["tokenizer"]["sha256"]
+        if tok.sha256 != expected:
+            raise DataError(f"{self.path}/tokenizer is vocabulary {tok.sha256[:12]}..., but the tokens were made "
+                            f"with {expected[:12]}...; prepare the folder again")
+        return tok
+
+    def _split(self, split: Split) -> dict[str, Any]:
+        if split not in SPLITS:
+            raise DataError(f"split must be one of {SPLITS}, got {split!r}")
+        return self.manifest["splits"][split]
+
+    def has_split(self, split: Split) -> bool:
+        """Whether the split holds any tokens (a folder prepared with --val-fraction 0 has no val split)."""
+        return self._split(split)["tokens"] > 0
+
+    def tokens(self, split: Split) -> int:
+        return self._split(split)["tokens"]
+
+    def documents(self, split: Split) -> int:
+        """Documents in the split (with a tail split, the document cut in two counts in both)."""
+        return self._split(split)["documents"]
+
+    def bytes_per_token(self, split: Split) -> float | None:
+        """UTF-8 bytes of text per token in the split (None if it is empty), to give losses in bits per byte."""
+        return self._split(split)["bytes_per_token"]
+
+    def shards(self, split: Split) -> TokenShards:
+        return TokenShards(self, split)
+
+    def loader(self, split: Split, *, batch_size: int, block_size: int, seed: int = 0) -> Loader:
+        return Loader(self, split, batch_size=batch_size, block_size=block_size, seed=seed)
+
+
 def load_tokenizer(data_dir: str | Path) -> Tokenizer:
-    """The tokenizer a prepared folder was made with (checked against the manifest's hash)."""
-    manifest = read_manifest(data_dir)
-    tok = Tokenizer.from_dir(Path(data_dir) / "tokenizer")
-    if tok.sha256 != manifest["tokenizer"]["sha256"]:
-        raise DataError(f"{data_dir}/tokenizer is vocabulary {tok.sha256[:12]}..., but the tokens were made with "
-                        f"{manifest['tokenizer']['sha256'][:12]}...; prepare the folder again")
-    return tok
+    """The tokenizer a prepared folder was made with (DataFolder.open(data_dir).tokenizer)."""
+    return DataFolder.open(data_dir).tokenizer
 
 
 class TokenShards:
     """A memory-mapped view of one split of a prepared folder, as one stream of `n_tokens` tokens."""
 
-    def __init__(self, data_dir: str | Path, split: Split) -> None:
-        if split not in SPLITS:
-            raise DataError(f"split must be one of {SPLITS}, got {split!r}")
-        manifest = read_manifest(data_dir)
-        info = manifest["splits"][split]
-        if not info["shards"]:
-            raise DataError(f"{data_dir} has no {split} tokens (prepared with --val-fraction 0?); "
+    def __init__(self, data: DataFolder | str | Path, split: Split) -> None:
+        folder = DataFolder.open(data)
+        if not folder.has_split(split):
+            raise DataError(f"{folder.path} has no {split} tokens (prepared with --val-fraction 0?); "
                             "prepare it again with a validation split")
-        self.data_dir, self.split = Path(data_dir), split
-        self.vocab_size: int = manifest["tokenizer"]["vocab_size"]
-        self.dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
-        self.paths = [self.data_dir / s["file"] for s in info["shards"]]
+        self.data_dir, self.split = folder.path, split
+        self.vocab_size: int = folder.vocab_size
+        self.dtype = folder.dtype
+        records = folder._split(split)["shards"]
+        self.paths = [self.data_dir / s["file"] for s in records]
         counts = []
-        for path, rec in zip(self.paths, info["shards"], strict=True):
+        for path, rec in zip(self.paths, records, strict=True):
             if not path.is_file():
                 raise DataError(f"{path} is missing; prepare the folder again")
             dtype, count = read_shard_header(path)
             if dtype != self.dtype:
-                raise DataError(f"{path} holds {dtype.itemsize}-byte tokens, but the manifest says {manifest['dtype']} "
+                raise DataError(f"{path} holds {dtype.itemsize}-byte tokens, but the manifest says {self.dtype.name} "
                                 f"({self.dtype.itemsize} bytes); the shard is corrupt: prepare the folder again")
             if count != rec["tokens"]:
                 raise DataError(f"{path} holds {count} tokens, the manifest says {rec['tokens']}; prepare again")
@@ -847,15 +1007,16 @@ class Loader:
     split's stream, uniformly, and may cross shard and document boundaries.
     """
 
-    def __init__(self, data_dir: str | Path, split: Split, *, batch_size: int, block_size: int,
+    def __init__(self, data: DataFolder | str | Path, split: Split, *, batch_size: int, block_size: int,
                  seed: int = 0) -> None:
         for name, value, least in (("batch_size", batch_size, 1), ("block_size", block_size, 1), ("seed", seed, 0)):
             if not isinstance(value, int) or value < least:
                 raise DataError(f"{name} must be an integer >= {least}, got {value!r}")
-        self.shards = TokenShards(data_dir, split)
+        self.shards = TokenShards(data, split)
         if self.shards.n_tokens < block_size + 1:
-            raise DataError(f"the {split} split of {data_dir} has {self.shards.n_tokens} tokens, fewer than one "
-                            f"window of block_size + 1 = {block_size + 1}; use a smaller block size or more data")
+            raise DataError(f"the {split} split of {self.shards.data_dir} has {self.shards.n_tokens} tokens, "
+                            f"fewer than one window of block_size + 1 = {block_size + 1}; use a smaller block size "
+                            "or more data")
         self.batch_size, self.block_size, self.seed = batch_size, block_size, seed
         self.vocab_size = self.shards.vocab_size
 

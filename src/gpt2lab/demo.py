@@ -3,7 +3,7 @@
 Fetch the corpus, learn a BPE vocabulary from its training split, prepare token shards, train
 under a time budget, then print samples, the loss plot's path and the held-out loss in bits per
 byte next to a unigram baseline. Every stage is a public gpt2lab function; this module only
-strings them together (the settings were chosen by the trials in the README).
+strings them together (the settings were chosen by the trials in docs/design/demo-model.md).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from . import data as datasets
 from .checkpoint import load_model
 from .errors import ConfigError, FetchError
 from .generate import Generator
-from .tokenizer import Tokenizer, train_tokenizer
+from .tokenizer import train_tokenizer
 from .train import FitResult, TrainConfig, pretrain, raise_if_stopped
 
-# What eight minutes on two cores buys best (README, "Choosing the demo's model").
+# What eight minutes on two cores buys best (docs/design/demo-model.md).
 DEMO_CONFIG = TrainConfig(
     model="gpt2-nano", block_size=128, batch_size=32, max_steps=100_000, max_minutes=8.0,
     lr=8e-3, min_lr=8e-4, warmup_steps=50, eval_interval=200, eval_batches=8,
@@ -41,7 +41,7 @@ def demo(*, data: str | None = None, out: str = "runs/demo", vocab_size: int = D
          config: TrainConfig = DEMO_CONFIG) -> str:
     """Train a small GPT-2 on Shakespeare on this CPU for a few minutes, then sample from it and report.
 
-    data: your own corpus instead of Shakespeare: a folder of .txt files or a .jsonl file (a text field)
+    data: your own corpus instead of Shakespeare: a text file, a folder of .txt files or a .jsonl file (a text field)
     out: folder for the vocabulary, the prepared tokens and the runs (each run gets a new folder)
     vocab_size: ids of a BPE vocabulary learned from the training split; 0 uses GPT-2's own 50,257
     threads: CPU threads to train with
@@ -80,7 +80,7 @@ def learned_vocabulary(source: str, vocab_size: int, root: Path) -> Path:
     """A BPE vocabulary of `vocab_size` ids learned from the training split of `source` only.
 
     The split is made by `prepare` itself, with a byte vocabulary (256 bytes and <|endoftext|>,
-    no merges), and its text read back exactly; so the held-out documents never shape the
+    no merges), and its text read back exactly; so the held-out text never shapes the
     vocabulary, for any source, and nothing needs fetching. Cached by content under root.
     """
     bytes_tok = root / "tokenizers" / "bytes"
@@ -90,11 +90,12 @@ def learned_vocabulary(source: str, vocab_size: int, root: Path) -> Path:
             train_tokenizer([str(Path(tmp) / "empty.txt")], vocab_size=257, out=str(bytes_tok))
     bytes_dir = root / "data" / "bytes"
     datasets.prepare_own(source, bytes_dir, tokenizer=str(bytes_tok))
-    folder = root / "tokenizers" / f"bpe{vocab_size}-{datasets.read_manifest(bytes_dir)['fingerprint'][:12]}"
+    data = datasets.DataFolder.open(bytes_dir)
+    folder = root / "tokenizers" / f"bpe{vocab_size}-{data.fingerprint[:12]}"
     if (folder / "tokenizer.json").is_file():
         return folder
-    tok = Tokenizer.from_dir(bytes_tok)
-    shards = datasets.TokenShards(bytes_dir, "train")
+    tok = data.tokenizer
+    shards = data.shards("train")
     with tempfile.TemporaryDirectory() as tmp:
         text = Path(tmp) / "train.txt"
         with open(text, "wb") as f:  # bytes: a chunk may end inside a character
@@ -112,18 +113,19 @@ def unigram_bits_per_byte(data_dir: str | Path) -> float:
     A model that ignores context entirely can do no better (on text like its training text);
     a model worth the name must be well below it.
     """
-    shards = datasets.TokenShards(data_dir, "train")
+    data = datasets.DataFolder.open(data_dir)
+    shards = data.shards("train")
     counts = np.zeros(shards.vocab_size, dtype=np.int64)
     for start in range(0, len(shards), 1 << 22):
         counts += np.bincount(shards.read([start], min(1 << 22, len(shards) - start))[0], minlength=len(counts))
     p = counts[counts > 0] / counts.sum()
     bits_per_token = float(-(p * np.log2(p)).sum())
-    return bits_per_token / datasets.read_manifest(data_dir)["splits"]["train"]["bytes_per_token"]
+    return bits_per_token / data.bytes_per_token("train")
 
 
 def report(result: FitResult, run_dir: Path, data_dir: Path) -> str:
     """Samples from the trained model, and its held-out bits per byte against the unigram baseline."""
-    tokenizer = datasets.load_tokenizer(data_dir)
+    tokenizer = datasets.DataFolder.open(data_dir).tokenizer
     generator = Generator(load_model(run_dir), tokenizer)
     lines = [f"trained {result.step} steps in {result.elapsed_s / 60:.1f} min ({result.stop_reason.replace('_', ' ')})"]
     for title, options in (("greedy", dict(greedy=True)),

@@ -39,26 +39,24 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .checkpoint import load_model, load_tokenizer
-from .data import Corpus, corpus_files, register
 from .device import resolve_device
-from .errors import ConfigError, DataError, TaskFormatError
-from .fetch import Package
+from .errors import ConfigError, TaskFormatError
+from .fetch import Package, fetch_package
 from .files import DestinationError, clean_leftovers, write_json
 from .model import GPT
 from .tokenizer import Tokenizer
 
 Task = Literal["perplexity", "lambada", "hellaswag", "multiple-choice"]
 
-BIGBENCH = register(Corpus(
-    name="bigbench",
-    description="BIG-bench's JSON tasks (task.json files only; evaluation: gpt2lab eval --data bigbench:TASK)",
-    package=Package(name="bigbench", version="1.0.0",
-                    sha256="1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
-                    include=("bigbench/benchmark_tasks/*/task.json",),  # fnmatch's * spans subtask folders
-                    pip=Package(name="pip", version="25.0.1", include=("pip/*",),
-                                sha256="c46efd13b6aa8279f33f2864459c8ce587ea6a1a59ee20de055868d8f7688f7f")),
-    files="bigbench/benchmark_tasks/*/task.json",
-))
+# BIG-bench's JSON tasks: the task.json files of the bigbench 1.0.0 sdist (fetched on first use, for
+# `gpt2lab eval --data bigbench:TASK`; they are evaluation data, not a corpus `prepare` knows).
+BIGBENCH_PACKAGE = Package(
+    name="bigbench", version="1.0.0", sha256="1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
+    include=("bigbench/benchmark_tasks/*/task.json",),  # fnmatch's * spans subtask folders
+    pip=Package(name="pip", version="25.0.1", include=("pip/*",),
+                sha256="c46efd13b6aa8279f33f2864459c8ce587ea6a1a59ee20de055868d8f7688f7f"),
+)
+BIGBENCH_FILES = "bigbench/benchmark_tasks/*/task.json"  # glob, relative to the package root
 # The JSON tasks of the pinned bigbench 1.0.0 sdist: the folders of bigbench/benchmark_tasks that hold a
 # task.json (programmatic tasks have a task.py instead and are not extracted). Listed here so that a
 # misspelt name is refused before the 358 MB archive is fetched; subtasks are checked once it is there.
@@ -357,11 +355,7 @@ def bigbench_path(spec: str) -> Path:
     if task not in BIGBENCH_TASKS:
         raise TaskFormatError(f"BIG-bench has no JSON task {task!r} ({_suggest(task, BIGBENCH_TASKS, 'JSON tasks')}); "
                               "programmatic tasks are not supported")
-    try:
-        files = corpus_files(BIGBENCH.name)
-    except DataError as e:
-        raise TaskFormatError(str(e)) from e
-    tasks_dir = files[0].parent.parent  # .../bigbench/benchmark_tasks
+    tasks_dir = bigbench_task_files()[0].parent.parent  # .../bigbench/benchmark_tasks
     path = tasks_dir / name / "task.json"
     # A task split into subtasks keeps its examples in them (its own task.json, if any, has none).
     subtasks = sorted(p.parent.name for p in (tasks_dir / task).glob("*/task.json"))
@@ -372,6 +366,15 @@ def bigbench_path(spec: str) -> Path:
         known = _suggest(subtask, subtasks, f"subtasks of {task}") if subtasks else f"it has none: name bigbench:{task}"
         raise TaskFormatError(f"BIG-bench task {task!r} has no subtask {subtask!r} ({known})")
     return path
+
+
+def bigbench_task_files() -> list[Path]:
+    """The task.json files of the pinned bigbench sdist, fetched on first use (pip download, sha256-checked, cached)."""
+    root = fetch_package(BIGBENCH_PACKAGE)
+    files = sorted(root.glob(BIGBENCH_FILES))
+    if not files:
+        raise TaskFormatError(f"{root} holds no {BIGBENCH_FILES}; delete that folder so it is fetched again")
+    return files
 
 
 def _suggest(name: str, known: Sequence[str], what: str) -> str:

@@ -1,6 +1,6 @@
 """How gpt2lab writes to disk: the one owner of atomic writes, destinations, locks and leftovers.
 
-The promises (README, "Your files"):
+The promises (docs/guide/files.md):
 - A folder or file gpt2lab writes appears under its name only once it is complete: it is
   written under a temporary name beside it (`.NAME.tmp-PID-XXXX`) and renamed into place.
 - A destination that holds files gpt2lab did not write is refused, never replaced; one that

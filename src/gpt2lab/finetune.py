@@ -15,7 +15,8 @@ Data comes in two forms:
     truncated (its completion cut; the closing <|endoftext|> is lost), or an error naming its line.
 
 Every checkpoint carries finetune.json: the method, the base, the data and the prompt template,
-so that generation can format prompts as training did (checkpoint.prompt_template).
+so that generation can format prompts as training did (checkpoint.prompt_template reads it back,
+template.PromptTemplate formats both).
 """
 
 from __future__ import annotations
@@ -47,23 +48,15 @@ from .checkpoint import (
     save_checkpoint,
     write_model_files,
 )
+from .config import TrainConfig
+from .device import resolve_device
 from .errors import ConfigError, DataError, TrainingError
 from .model import GPT, CausalSelfAttention
+from .rundir import METRICS, open_run
+from .template import DEFAULT_TEMPLATE, PromptTemplate
 from .tokenizer import Tokenizer
-from .train import (
-    METRICS,
-    Batch,
-    FitResult,
-    Strategy,
-    TrainConfig,
-    fit,
-    open_run,
-    raise_if_stopped,
-    summary,
-    val_bytes_per_token,
-)
+from .train import Batch, FitResult, Strategy, fit, raise_if_stopped, summary
 
-DEFAULT_TEMPLATE = "### Prompt:\n{prompt}\n\n### Response:\n"
 DataFormat = Literal["auto", "text", "prompt-completion"]
 TooLong = Literal["skip", "truncate", "error"]
 
@@ -71,12 +64,29 @@ TooLong = Literal["skip", "truncate", "error"]
 # -- configuration ---------------------------------------------------------------------------
 
 
+# Peak learning rates by method, for a run that does not set lr.
+LEARNING_RATES: dict[str, float] = {"full": 1e-4, "lora": 1e-3}
+# Where fine-tuning's defaults differ from pretraining's (TrainConfig's): short runs on little data,
+# judged by the held-out loss, which picks the checkpoint to keep and stops a run that no longer gains.
+FINETUNE_DEFAULTS: dict[str, Any] = dict(
+    batch_size=8, max_steps=200, min_lr=0.0, warmup_steps=10, weight_decay=0.0, eval_interval=25, eval_batches=10,
+    log_interval=5, ckpt_interval=100, keep_last=2, keep_best=True, patience=4,
+)
+
+
 @dataclass(frozen=True, kw_only=True)
 class FinetuneConfig(TrainConfig):
-    """TrainConfig with fine-tuning's defaults, plus the method. Every field is a `gpt2lab finetune` option."""
+    """TrainConfig plus the method and LoRA's shape. Every field is a `gpt2lab finetune` option.
+
+    `FinetuneConfig.for_method("lora", max_steps=50)` starts from fine-tuning's defaults
+    (FINETUNE_DEFAULTS and the method's learning rate), as `gpt2lab finetune` does; the
+    constructor alone keeps TrainConfig's, which are pretraining's.
+    """
 
     model: str = field(default="", metadata={"cli": False})
     """The starting checkpoint (set from MODEL; a resumed run must start from the same one)."""
+    lr: float | None = None  # None: the method's rate, decided when the run starts (peak_lr)
+    """Peak learning rate (default: 1e-4 for full fine-tuning, 1e-3 for LoRA)."""
     method: Literal["full", "lora"] = "full"
     """full: train every weight; lora: freeze the model and train low-rank adapters (a small file)."""
     lora_rank: int = 8
@@ -87,61 +97,43 @@ class FinetuneConfig(TrainConfig):
     """Dropout on the LoRA adapters' input (it keeps a dropped copy of each adapted layer's input: memory)."""
     lora_targets: tuple[str, ...] = ("c_attn", "c_proj", "c_fc")
     """Layers LoRA adapts: c_attn, c_fc, c_proj (attention's and the MLP's), attn.c_proj, mlp.c_proj."""
-    dropout: float = 0.0
-    """Dropout while fine-tuning (replaces the one the checkpoint was trained with)."""
-    batch_size: int = 8
-    """Sequences (or examples) per optimizer step."""
-    max_steps: int = 200
-    """Optimizer steps to train for (fewer if early stopping ends the run)."""
-    lr: float = 0.0
-    """Peak learning rate (0: 1e-4 for full fine-tuning, 1e-3 for LoRA)."""
-    min_lr: float = 0.0
-    """Learning rate at the end of the cosine decay."""
-    warmup_steps: int = 10
-    """Steps of linear warmup."""
-    weight_decay: float = 0.0
-    """AdamW weight decay on 2-D weights (LoRA's A and B are 2-D)."""
-    eval_interval: int = 25
-    """Evaluate on the validation data every N steps (0: only at the end)."""
-    eval_batches: int = 10
-    """Validation batches per evaluation."""
-    log_interval: int = 5
-    """Write a metrics line every N steps."""
-    ckpt_interval: int = 100
-    """Save a checkpoint every N steps (and at the end, and at every new best with keep_best)."""
-    keep_last: int = 2
-    """Checkpoints to keep besides the best."""
-    keep_best: bool = True
-    """Save a checkpoint whenever the validation loss improves, keep it, and name it in best.json."""
-    patience: int = 4
-    """Stop after this many evaluations without a better validation loss (0: never)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
-        if self.lr == 0:
-            object.__setattr__(self, "lr", 1e-3 if self.method == "lora" else 1e-4)
         if self.method not in ("full", "lora"):
             raise ConfigError(f"method must be full or lora, got {self.method!r}")
         self.lora()  # validates the LoRA fields
-        super().__post_init__()
+        if self.lr is None:
+            dataclasses.replace(self, lr=self.peak_lr)  # TrainConfig's checks, with the rate the run will use
+        else:
+            super().__post_init__()
+
+    @classmethod
+    def for_method(cls, method: Literal["full", "lora"] = "full", **overrides: Any) -> FinetuneConfig:
+        """Fine-tuning's defaults for `method`, its learning rate included, with `overrides` of any field."""
+        config = cls(**(FINETUNE_DEFAULTS | {"method": method} | overrides))
+        return config if "lr" in overrides else dataclasses.replace(config, lr=config.peak_lr)
+
+    @property
+    def peak_lr(self) -> float:
+        """The learning rate warmup reaches: lr, or when that is None the method's (LEARNING_RATES)."""
+        return LEARNING_RATES[self.method] if self.lr is None else self.lr
 
     def lora(self) -> lora.LoRAConfig:
         return lora.LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
                                targets=self.lora_targets)
 
 
+# What `gpt2lab finetune` starts from (its --option defaults): fine-tuning's, with lr left to --method.
+COMMAND_DEFAULTS = FinetuneConfig.for_method(lr=None)
+
+
 # -- prompt/completion examples --------------------------------------------------------------
 
 
-def check_template(template: str) -> str:
-    if template.count("{prompt}") != 1:
-        raise DataError(f"the prompt template must contain {{prompt}} exactly once, got {template!r}")
-    return template
-
-
 def format_prompt(template: str, prompt: str) -> str:
-    """The text the model sees before a completion (plain substitution: braces in prompts are safe)."""
-    return template.replace("{prompt}", prompt)
+    """`prompt` as the template shows it to the model: PromptTemplate(template).format(prompt)."""
+    return PromptTemplate(template).format(prompt)
 
 
 def read_examples(path: str | Path) -> Iterator[tuple[str, str, str]]:
@@ -190,7 +182,7 @@ class Examples:
     truncated: list[str] = field(default_factory=list)
 
 
-def tokenize_examples(rows: Iterator[tuple[str, str, str]], tokenizer: Tokenizer, *, template: str,
+def tokenize_examples(rows: Iterator[tuple[str, str, str]], tokenizer: Tokenizer, *, template: PromptTemplate,
                       max_tokens: int, too_long: TooLong = "skip") -> Examples:
     """Tokenize (line, prompt, completion) rows into examples of at most `max_tokens` tokens.
 
@@ -199,7 +191,7 @@ def tokenize_examples(rows: Iterator[tuple[str, str, str]], tokenizer: Tokenizer
     """
     out = Examples(examples=[])
     for where, prompt, completion in rows:
-        p = tokenizer.encode(format_prompt(template, prompt))
+        p = tokenizer.encode(template.format(prompt))
         ids = p + tokenizer.encode(completion) + [tokenizer.eot_id]
         if len(ids) > max_tokens:
             if too_long == "error":
@@ -346,31 +338,30 @@ class _Data:
 
 def _text_data(source: str, val_source: str, out: Path, tokenizer: Tokenizer, *, cfg: FinetuneConfig,
                micro: int, block: int, field: str, val_fraction: float) -> _Data:
-    def prepared(spec: str, name: str, fraction: float) -> Path:
+    def prepared(spec: str, name: str, fraction: float) -> datasets.DataFolder:
         if datasets.is_data_folder(spec):
-            if datasets.load_tokenizer(spec).sha256 != tokenizer.sha256:
+            folder = datasets.DataFolder.open(spec)
+            if folder.tokenizer.sha256 != tokenizer.sha256:
                 raise DataError(f"{spec} was prepared with another tokenizer than the model's; prepare the text again "
                                 "with the model's tokenizer (or give the text itself to finetune)")
-            return Path(spec)
-        folder = out / name
-        datasets.prepare_own(spec, folder, tokenizer=tokenizer, field=field, val_fraction=fraction)
-        return folder
+            return folder
+        datasets.prepare_own(spec, out / name, tokenizer=tokenizer, field=field, val_fraction=fraction)
+        return datasets.DataFolder.open(out / name)
 
-    train_dir = prepared(source, "data", 0.0 if val_source else val_fraction)
-    loader = datasets.Loader(train_dir, "train", batch_size=micro, block_size=block, seed=cfg.seed)
+    data = prepared(source, "data", 0.0 if val_source else val_fraction)
+    loader = data.loader("train", batch_size=micro, block_size=block, seed=cfg.seed)
     if val_source:
-        val_dir = prepared(val_source, "data-val", 0.0)
-        return _Data(train=loader, val=datasets.Loader(val_dir, "train", batch_size=micro, block_size=block),
-                     bytes_per_token=datasets.read_manifest(val_dir)["splits"]["train"]["bytes_per_token"], notes=[])
-    manifest = datasets.read_manifest(train_dir)
-    if not manifest["splits"]["val"]["tokens"]:
+        val = prepared(val_source, "data-val", 0.0)
+        return _Data(train=loader, val=val.loader("train", batch_size=micro, block_size=block),
+                     bytes_per_token=val.bytes_per_token("train"), notes=[])
+    if not data.has_split("val"):
         return _Data(train=loader, val=None, bytes_per_token=None, notes=["no validation split: no early stopping"])
-    return _Data(train=loader, val=datasets.Loader(train_dir, "val", batch_size=micro, block_size=block),
-                 bytes_per_token=val_bytes_per_token(manifest), notes=[])
+    return _Data(train=loader, val=data.loader("val", batch_size=micro, block_size=block),
+                 bytes_per_token=data.bytes_per_token("val"), notes=[])
 
 
 def _example_data(source: str, val_source: str, tokenizer: Tokenizer, *, cfg: FinetuneConfig, micro: int,
-                  block: int, template: str, too_long: TooLong, val_fraction: float) -> _Data:
+                  block: int, template: PromptTemplate, too_long: TooLong, val_fraction: float) -> _Data:
     def load(path: str) -> tuple[Examples, list[str]]:
         got = tokenize_examples(read_examples(path), tokenizer, template=template, max_tokens=block + 1,
                                 too_long=too_long)
@@ -412,7 +403,7 @@ def _example_data(source: str, val_source: str, tokenizer: Tokenizer, *, cfg: Fi
 # -- `gpt2lab finetune` ----------------------------------------------------------------------
 
 
-def finetune(model: str, *, data: str, out: str, config: FinetuneConfig | None = None, resume: bool = False,
+def finetune(model: str, *, data: str, out: str, config: FinetuneConfig = COMMAND_DEFAULTS, resume: bool = False,
              data_format: DataFormat = "auto", template: str = DEFAULT_TEMPLATE, val_data: str = "",
              val_fraction: float = 0.05, too_long: TooLong = "skip", field: str = "text",
              merge: bool = False) -> str:
@@ -430,7 +421,7 @@ def finetune(model: str, *, data: str, out: str, config: FinetuneConfig | None =
     field: the text field of JSONL rows, for text data
     merge: with --method lora, also write the best (else last) adapter merged into a plain checkpoint at OUT/merged
     """
-    cfg = config or FinetuneConfig()
+    cfg = config
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise TrainingError("gpt2lab finetune runs in one process: run it without torchrun")
     if merge and cfg.method != "lora":
@@ -439,15 +430,15 @@ def finetune(model: str, *, data: str, out: str, config: FinetuneConfig | None =
     if cfg.method == "lora" and adapter_folder(model) is not None:
         raise TrainingError(f"{model} is a LoRA adapter: merge it first (`gpt2lab lora merge {model} --out DIR`), "
                             "then fine-tune the merged checkpoint")
+    resolve_device(cfg.device)  # a bad --device fails before any work
     # The run folder first: a busy or finished --out is refused before anything is written into it.
     run = open_run(run_dir, resume=resume)
     try:
         tokenizer = load_tokenizer(model)
         base = base_reference(model) if cfg.method == "lora" else {"path": str(_resolved(model))}
-        cfg = dataclasses.replace(cfg, model=base["path"])
+        cfg = dataclasses.replace(cfg, model=base["path"], lr=cfg.peak_lr)
         fmt = detect_format(data) if data_format == "auto" else data_format
-        if fmt == "prompt-completion":
-            check_template(template)
+        prompt = PromptTemplate(template) if fmt == "prompt-completion" else None  # a bad one fails before any work
 
         weights = load_for_finetuning(model, cfg, tokenizer)
         block = cfg.block_size or weights.config.n_ctx
@@ -455,7 +446,7 @@ def finetune(model: str, *, data: str, out: str, config: FinetuneConfig | None =
             raise TrainingError(f"block_size {block} exceeds the model's context of {weights.config.n_ctx}")
         micro, _ = cfg.accumulation(1)
         if fmt == "prompt-completion":
-            batches = _example_data(data, val_data, tokenizer, cfg=cfg, micro=micro, block=block, template=template,
+            batches = _example_data(data, val_data, tokenizer, cfg=cfg, micro=micro, block=block, template=prompt,
                                     too_long=too_long, val_fraction=val_fraction)
         else:
             batches = _text_data(data, val_data, run_dir, tokenizer, cfg=cfg, micro=micro, block=block, field=field,
@@ -467,7 +458,7 @@ def finetune(model: str, *, data: str, out: str, config: FinetuneConfig | None =
             "format": "gpt2lab-finetune", "version": 1, "method": cfg.method, "base": base,
             "lora": cfg.lora().to_dict() if cfg.method == "lora" else None,
             "data": {"source": data, "format": fmt, "val_source": val_data or None},
-            "prompt_template": template if fmt == "prompt-completion" else None,
+            "prompt_template": prompt.text if prompt is not None else None,
         }
         if resume:
             _check_same_run(run.resume_from, record)
@@ -477,20 +468,25 @@ def finetune(model: str, *, data: str, out: str, config: FinetuneConfig | None =
             strategy = Strategy(save=write_model_files, extra_files=_record_files(record))
         result = fit(weights, cfg, batches.train, val=batches.val, run_dir=run, tokenizer=tokenizer,
                      strategy=strategy, resume=resume, bytes_per_token=batches.bytes_per_token)
-        lines = [f"{cfg.method} fine-tuning: {lora.trainable_parameters(weights):,} of "
-                 f"{sum(p.numel() for p in weights.parameters()):,} parameters trained", *batches.notes,
-                 summary(result, run_dir)]
-        if (change := held_out_change(run_dir)) is not None:
-            lines.append(change)
-        best = best_checkpoint(run_dir, result)
-        if best is not None:
-            lines.append(f"best checkpoint: {best}")
-        if merge and best is not None:
-            lines.append(_merge(best, run_dir / "merged", hf=False))
-        raise_if_stopped(result, "\n".join(lines))
-        return "\n".join(lines)
+        report = _report(result, run_dir, weights, cfg.method, batches.notes, merge=merge)
+        raise_if_stopped(result, report)
+        return report
     finally:
         run.close()
+
+
+def _report(result: FitResult, run_dir: Path, model: GPT, method: str, notes: list[str], *, merge: bool) -> str:
+    """What the run trained and how it ended, its best checkpoint, and (with --merge) that merged."""
+    lines = [f"{method} fine-tuning: {lora.trainable_parameters(model):,} of "
+             f"{sum(p.numel() for p in model.parameters()):,} parameters trained", *notes, summary(result, run_dir)]
+    if (change := held_out_change(run_dir)) is not None:
+        lines.append(change)
+    best = best_checkpoint(run_dir, result)
+    if best is not None:
+        lines.append(f"best checkpoint: {best}")
+    if merge and best is not None:
+        lines.append(_merge(best, run_dir / "merged", hf=False))
+    return "\n".join(lines)
 
 
 def _resolved(path: str) -> Path:

@@ -44,6 +44,7 @@ from .device import resolve_device
 from .errors import GenerationError, GPT2LabError
 from .model import GPT
 from .quantize import Mode, PackedLinear
+from .template import PromptTemplate
 
 Finish = Literal["length", "eot", "stop", "context"]
 # When a row slides past the context window it keeps this fraction of the window and re-reads it.
@@ -704,8 +705,8 @@ def _prompt_format(model: str) -> Callable[[str], str]:
     """Prompts as the model was fine-tuned to see them: the template in its finetune.json, if any."""
     from .checkpoint import prompt_template
 
-    template = prompt_template(model)
-    return str if template is None else (lambda p: template.replace("{prompt}", p))
+    text = prompt_template(model)
+    return str if text is None else PromptTemplate(text).format
 
 
 def _repl(gen: Generator, config: GenerationConfig, fmt: Callable[[str], str] = str) -> None:

@@ -1,10 +1,16 @@
-"""A training run folder: its one writer, its checkpoints, and recovery from what crashes leave.
+"""A training run folder: its one writer, its checkpoints, their training state, and recovery
+from what crashes leave.
 
     RUN/.gpt2lab.lock                 held (flock) by the one process writing the run
     RUN/checkpoints/step-NNNNNNNN/    complete checkpoints only: written under a temporary name
                                       and renamed in; deleted by renaming them away first
     RUN/best.json                     the best checkpoint, when the run keeps one
-    RUN/metrics.jsonl ...             the loop's logs (train.py)
+    RUN/metrics.jsonl ...             the loop's logs (metrics.py)
+
+A checkpoint holds the model files (whatever the caller writes) and train_state.pt, written here:
+the loop's progress counters, the run's config, the optimizer state and every RNG state, as
+tensors and plain containers only (read back with weights_only=True), so that a resumed run on
+CPU is bit-identical to one that was never stopped.
 
 Opening a run takes the lock, cleans what killed processes left (temporary and half-deleted
 checkpoint folders, incomplete `step-*` folders from older versions), repairs a torn last line of
@@ -15,23 +21,28 @@ falling back to an older one with a warning when the newest is corrupt.
 from __future__ import annotations
 
 import json
+import random
 import re
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
-from . import files
+from . import distributed, files
 from .errors import TrainingError
 
 STATE_FILE = "train_state.pt"
 METRICS = "metrics.jsonl"
 BEST = "best.json"
 _STEP = re.compile(r"^step-(\d{8})$")
+# Config fields that a resumed run must share with the run it continues: they change what is computed.
+RESUME_FIXED = ("model", "batch_size", "block_size", "seed", "dropout")
 # A checkpoint's model files: a full model, or a LoRA adapter (lora.py's names).
 _WEIGHTS = ("model.safetensors", "adapter.safetensors")
 
@@ -53,6 +64,14 @@ def step_of(folder: Path) -> int:
     return int(folder.name.removeprefix("step-"))
 
 
+def open_run(path: str | Path, *, resume: bool) -> RunDir:
+    """Open a run folder on every rank: rank 0 locks and cleans it first, then the others read it."""
+    world = distributed.world()
+    run = RunDir.open(path, resume=resume) if world.is_main else None
+    distributed.barrier()
+    return run if run is not None else RunDir.open(path, resume=resume, writer=False)
+
+
 class RunDir:
     """One training run's folder. `open` it, write checkpoints with `save`, `close` it at the end."""
 
@@ -60,7 +79,7 @@ class RunDir:
         self.path = files.absolute(path)
         self.checkpoints = self.path / "checkpoints"
         self.resume_from: Path | None = None  # set by open(resume=True)
-        self.state: dict[str, Any] | None = None  # that checkpoint's train_state.pt
+        self.state: TrainState | None = None  # that checkpoint's train_state.pt
         self._lock: files.FolderLock | None = None
         self._created = False  # the folder did not exist before open(): remove it if nothing is written
 
@@ -186,11 +205,25 @@ class RunDir:
 
     # -- writing ------------------------------------------------------------------------------
 
-    def save(self, step: int, write: Callable[[Path], None], *, needed: int | None = None) -> Path:
-        """Write checkpoints/step-NNNNNNNN atomically: `write` fills a temporary folder."""
+    def save(self, step: int, write: Callable[[Path], None], *, progress: Mapping[str, Any],
+             config: Mapping[str, Any], optimizer: dict[str, Any], world_size: int,
+             needed: int | None = None) -> Path:
+        """Write checkpoints/step-NNNNNNNN atomically: `write` puts the model files into a temporary
+        folder, and train_state.pt goes beside them with `progress` (the loop's counters), `config`
+        (the run's fields), the optimizer state and every RNG state as it is now."""
+        state = {
+            "format": "gpt2lab-train", "version": 1,
+            "progress": dict(progress),
+            "data": {"step": step, "seed": config["seed"]},  # the loader's position: batches are a function of both
+            "world_size": world_size,
+            "config": dict(config),
+            "optimizer": optimizer,
+            "rng": _rng_state(),
+        }
         path = self.checkpoints / f"step-{step:08d}"
         with files.atomic_dir(path, needed=needed) as tmp:
             write(tmp)
+            torch.save(state, tmp / STATE_FILE)
         return path
 
     def mark_best(self, step: int, val_loss: float) -> None:
@@ -213,7 +246,7 @@ class RunDir:
                 self.path.rmdir()
 
 
-def _read_state(ckpt: Path) -> dict[str, Any]:
+def _read_state(ckpt: Path) -> TrainState:
     """A checkpoint's training state, once it and the weights' header read back; else ValueError
     saying which file a crash or a disk damaged."""
     state = ckpt / STATE_FILE
@@ -234,4 +267,56 @@ def _read_state(ckpt: Path) -> dict[str, Any]:
                     f.keys()
             except Exception as e:  # safetensors checks the header against the file's length
                 raise ValueError(f"{ckpt / name} is unreadable ({' '.join(str(e).split())[:120]})") from None
-    return loaded
+    return TrainState(checkpoint=ckpt, progress=progress, config=loaded["config"], optimizer=loaded["optimizer"],
+                      rng=loaded["rng"])
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainState:
+    """A checkpoint's train_state.pt, as a resumed run needs it."""
+
+    checkpoint: Path  # the step folder it was read from
+    progress: dict[str, Any]  # the loop's counters, "step" among them
+    config: dict[str, Any]  # the run's config fields
+    optimizer: dict[str, Any]  # the optimizer's full (unsharded) state dict
+    rng: dict[str, Any]  # every RNG state, as _rng_state() took it
+
+    def check_resumable(self, config: Mapping[str, Any]) -> None:
+        """Refuse to resume with a config whose RESUME_FIXED fields differ from the checkpoint's run."""
+        for name in RESUME_FIXED:
+            if self.config.get(name) != config[name]:
+                raise TrainingError(
+                    f"{self.checkpoint} was trained with {name}={self.config.get(name)!r} but this run asks for "
+                    f"{config[name]!r}; resume with the same value or start a new --out folder"
+                )
+
+    def restore_rng(self) -> None:
+        """Put every RNG back where it was when the checkpoint was written."""
+        version, mt, gauss = self.rng["python"]
+        random.setstate((version, tuple(mt), gauss))
+        kind, keys, pos, has_gauss, gauss_np = self.rng["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss_np))
+        torch.set_rng_state(self.rng["torch"])
+        if "cuda" in self.rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(self.rng["cuda"])
+
+
+def _rng_state() -> dict[str, Any]:
+    """Python's, NumPy's, torch's and (once initialised) CUDA's RNG states, as tensors and plain lists."""
+    version, mt, gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [version, list(mt), gauss],
+        "numpy": [np_kind, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's RNGs (torch's seeds every CUDA device too), for a fresh start."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

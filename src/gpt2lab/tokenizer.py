@@ -537,35 +537,52 @@ def _from_record(path: Path, rec: dict[str, Any]) -> Tokenizer:
 # -- small helpers -----------------------------------------------------------------------------
 
 PART_CHARS = 1 << 18  # encode_batch cuts longer texts into parts of about this size
-# Just before a space or newline that a non-space follows, GPT-2's regex always ends a piece (a
-# whitespace run gives up its last character to what follows), and the piece starting there does
-# not depend on anything before it (the regex never looks behind). So cutting a text there and
-# encoding the parts separately gives the same ids. Python's \S is stricter than Unicode's, so a
-# cut is never placed where the regex engines might disagree.
-_CUT = re.compile(r"[ \n](?=\S)")
+
+# The one rule for where a text may be cut so that its parts, encoded apart, give the ids of the
+# whole (encode_batch's parts, the tokenizer trainer's chunks, prepare's pieces and its tail split).
+# GPT-2's regex never looks behind, so a cut is safe wherever the regex always ends a pre-token:
+#   just before a space or newline that a non-space follows (a run of whitespace gives up its last
+#   character to what follows), and
+#   just before a line break (\r or \n) that a non-space precedes (no pre-token holds a non-space
+#   and the whitespace after it).
+# Python's \S is stricter than Unicode's, so a cut is never placed where the regex engines might
+# disagree. A match never depends on text after its lookahead character, so every cut found in the
+# start of a text is a cut of the whole.
+SAFE_CUT = re.compile(r"[ \n](?=\S)|(?<=\S)[\r\n]")
 
 
-def _last_cut(text: str, lo: int, hi: int) -> int:
+def safe_cuts(text: str, lo: int = 0, hi: int | None = None) -> Iterator[int]:
+    """Every safe cut (see SAFE_CUT) in text[lo:hi], in order; one at position i leaves text[:i] and text[i:]."""
+    for m in SAFE_CUT.finditer(text, lo, len(text) if hi is None else hi):
+        if m.start() > 0:
+            yield m.start()
+
+
+def last_safe_cut(text: str, lo: int, hi: int) -> int:
     """The last safe cut in text[lo:hi], looking at the last 4 KB first (-1 if there is none)."""
     for start in (max(lo, hi - 4096), lo):
         last = -1
-        for m in _CUT.finditer(text, start, hi):
-            last = m.start()
+        for cut in safe_cuts(text, start, hi):
+            last = cut
         if last >= 0:
             return last
     return -1
+
+
+def first_safe_cut(text: str, lo: int, hi: int | None = None) -> int:
+    """The first safe cut in text[lo:hi] (-1 if there is none)."""
+    return next(safe_cuts(text, lo, hi), -1)
 
 
 def _split(text: str, size: int) -> list[str]:
     """`text` in parts of about `size` characters, cut only at safe cuts."""
     parts, pos = [], 0
     while len(text) - pos > size:
-        cut = _last_cut(text, pos + 1, pos + size)
+        cut = last_safe_cut(text, pos + 1, pos + size)
         if cut < 0:
-            m = _CUT.search(text, pos + size)
-            if m is None:
+            cut = first_safe_cut(text, pos + size)
+            if cut < 0:
                 break
-            cut = m.start()
         parts.append(text[pos:cut])
         pos = cut
     parts.append(text[pos:])
@@ -742,7 +759,7 @@ _NOT_REGULAR = {stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFCHR: "a character 
 
 def _check_output_file(path: Path, flag: str, *, force: bool, sources: Sequence[str] = (),
                        keep: str | None = None) -> None:
-    """Refuse an output file whose writing would lose something (README, "Your files").
+    """Refuse an output file whose writing would lose something (docs/guide/files.md).
 
     The file is written under a temporary name and renamed over `path`, which would replace
     whatever is there, so: a missing path is fine; a link, FIFO, device or socket is refused (the
@@ -814,7 +831,7 @@ def _chunks(files: Sequence[Path], bar: Any, size: int = 1 << 16) -> Iterator[st
                                          "convert it first") from None
                 offset += len(raw)
                 text = rest + block
-                cut = _last_cut(text, 1, len(text))
+                cut = last_safe_cut(text, 1, len(text))
                 if cut < 0 and len(text) > 64 * size:  # no space in 64 MB: bound memory, accept one odd cut
                     cut = len(text)
                 if cut > 0:
