@@ -17,7 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpt2lab import data
+from gpt2lab import corpora, data, shards
 from gpt2lab.cli import main
 from gpt2lab.data import HEADER, MAGIC, Loader, TokenShards, load_tokenizer, prepare, read_manifest
 from gpt2lab.errors import DataError, FetchError, GPT2LabError
@@ -634,7 +634,7 @@ def test_train_without_a_validation_split_trains_without_evaluation(tmp_path, ca
 
 
 def test_undecodable_bytes_are_named_by_file_and_offset(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "READ_BYTES", 5)  # the bad byte lies blocks in, after a split character
+    monkeypatch.setattr(corpora, "READ_BYTES", 5)  # the bad byte lies blocks in, after a split character
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "ok.txt").write_text("fine")
     raw = "abcé∑d".encode() + b"\xff" + b"tail"
@@ -1017,7 +1017,7 @@ def test_a_data_folder_reads_its_manifest_once_and_answers_from_it(prepared, mon
     def read_again(*args, **kwargs):
         pytest.fail("the manifest was read again")
 
-    monkeypatch.setattr(data, "read_manifest", read_again)
+    monkeypatch.setattr(shards, "read_manifest", read_again)
     loaders = {split: opened.loader(split, batch_size=2, block_size=8, seed=1) for split in data.SPLITS}
     assert all(torch.equal(u, v) for u, v in zip(loaders["train"].get(3), expected, strict=True))
     assert opened.shards("train").read([0], len(tokens))[0].tolist() == tokens.tolist()

@@ -621,7 +621,7 @@ def test_cli_a_bad_stop_escape_is_one_line_naming_the_stop(checkpoint, capsys, s
 
 
 def test_stop_escapes_name_the_characters_they_stand_for(checkpoint, capsys):
-    from gpt2lab.generate import _unescape
+    from gpt2lab.commands.generate import _unescape
 
     cases = {"\\n": "\n", "a\\tb": "a\tb", "\\u00e9": "é", "\\U0001F600": "😀", "\\x41": "A", "\\\\": "\\",
              "\\N{BULLET}": "•", "é中😀": "é中😀", "plain": "plain", "\\'": "'"}

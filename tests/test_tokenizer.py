@@ -22,8 +22,10 @@ from gpt2lab import GPT, GPTConfig, Tokenizer, load_model, load_tokenizer, save_
 from gpt2lab import tokenizer as tokenizer_module
 from gpt2lab.checkpoint import convert, export_hf
 from gpt2lab.cli import main
+from gpt2lab.commands import tokenizer as commands_module
+from gpt2lab.commands.tokenizer import decode_ids
 from gpt2lab.errors import GPT2LabError, TokenizerError, TokenizerMismatch
-from gpt2lab.tokenizer import EOT, GPT2_PACKAGE, _chunks, _split, decode_ids, train_tokenizer
+from gpt2lab.tokenizer import EOT, GPT2_PACKAGE, _chunks, _split, train_tokenizer
 
 # -- oracles -----------------------------------------------------------------------------------
 
@@ -879,7 +881,7 @@ def test_closed_stdin_is_a_one_line_error(tmp_path, capsys, monkeypatch, command
     closed = io.TextIOWrapper(io.BytesIO(b"15496"))
     closed.close()
     monkeypatch.setattr(sys, "stdin", None if stdin == "none" else closed)
-    monkeypatch.setattr(tokenizer_module, "_pick", lambda _: pytest.fail("the tokenizer was loaded first"))
+    monkeypatch.setattr(commands_module, "_pick", lambda _: pytest.fail("the tokenizer was loaded first"))
     err = cli_error(["tokenizer", *command], capsys)
     assert "standard input is closed" in err and "--input FILE" in err
     assert not (tmp_path / "out.bin").exists()

@@ -19,7 +19,7 @@ import numpy as np
 
 from gpt2lab import data as datasets
 from gpt2lab.checkpoint import latest_checkpoint
-from gpt2lab.evaluate import evaluate
+from gpt2lab.commands.evaluate import evaluate
 
 
 def newest_run(demo: Path) -> Path:

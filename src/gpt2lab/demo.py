@@ -21,8 +21,9 @@ from . import data as datasets
 from .checkpoint import load_model
 from .errors import ConfigError, FetchError
 from .generate import Generator
+from .metrics import raise_if_stopped
 from .tokenizer import train_tokenizer
-from .train import FitResult, TrainConfig, pretrain, raise_if_stopped
+from .train import FitResult, TrainConfig, pretrain
 
 # What eight minutes on two cores buys best (docs/design/demo-model.md).
 DEMO_CONFIG = TrainConfig(

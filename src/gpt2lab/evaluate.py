@@ -25,7 +25,6 @@ from __future__ import annotations
 import difflib
 import json
 import math
-import os
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -38,11 +37,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import load_model, load_tokenizer
-from .device import resolve_device
 from .errors import ConfigError, TaskFormatError
 from .fetch import Package, fetch_package
-from .files import DestinationError, clean_leftovers, write_json
 from .model import GPT
 from .tokenizer import Tokenizer
 
@@ -61,45 +57,42 @@ BIGBENCH_FILES = "bigbench/benchmark_tasks/*/task.json"  # glob, relative to the
 # task.json (programmatic tasks have a task.py instead and are not extracted). Listed here so that a
 # misspelt name is refused before the 358 MB archive is fetched; subtasks are checked once it is there.
 BIGBENCH_TASKS = (
-    "abstract_narrative_understanding", "anachronisms", "analogical_similarity", "analytic_entailment",
-    "arithmetic", "ascii_word_recognition", "authorship_verification", "auto_categorization", "auto_debugging",
-    "bbq_lite_json", "bridging_anaphora_resolution_barqa", "causal_judgment", "cause_and_effect",
-    "checkmate_in_one", "chess_state_tracking", "chinese_remainder_theorem", "cifar10_classification",
-    "code_line_description", "codenames", "color", "common_morpheme", "conceptual_combinations",
-    "conlang_translation", "contextual_parametric_knowledge_conflicts", "crash_blossom", "crass_ai",
-    "cryobiology_spanish", "cryptonite", "cs_algorithms", "dark_humor_detection", "date_understanding",
-    "disambiguation_qa", "discourse_marker_prediction", "disfl_qa", "dyck_languages", "elementary_math_qa",
-    "emoji_movie", "emojis_emotion_prediction", "empirical_judgments", "english_proverbs",
-    "english_russian_proverbs", "entailed_polarity", "entailed_polarity_hindi", "epistemic_reasoning",
-    "evaluating_information_essentiality", "fact_checker", "fantasy_reasoning", "few_shot_nlg",
-    "figure_of_speech_detection", "formal_fallacies_syllogisms_negation", "gem",
+    "abstract_narrative_understanding", "anachronisms", "analogical_similarity", "analytic_entailment", "arithmetic",
+    "ascii_word_recognition", "authorship_verification", "auto_categorization", "auto_debugging", "bbq_lite_json",
+    "bridging_anaphora_resolution_barqa", "causal_judgment", "cause_and_effect", "checkmate_in_one",
+    "chess_state_tracking", "chinese_remainder_theorem", "cifar10_classification", "code_line_description",
+    "codenames", "color", "common_morpheme", "conceptual_combinations", "conlang_translation",
+    "contextual_parametric_knowledge_conflicts", "crash_blossom", "crass_ai", "cryobiology_spanish", "cryptonite",
+    "cs_algorithms", "dark_humor_detection", "date_understanding", "disambiguation_qa", "discourse_marker_prediction",
+    "disfl_qa", "dyck_languages", "elementary_math_qa", "emoji_movie", "emojis_emotion_prediction",
+    "empirical_judgments", "english_proverbs", "english_russian_proverbs", "entailed_polarity",
+    "entailed_polarity_hindi", "epistemic_reasoning", "evaluating_information_essentiality", "fact_checker",
+    "fantasy_reasoning", "few_shot_nlg", "figure_of_speech_detection", "formal_fallacies_syllogisms_negation", "gem",
     "gender_inclusive_sentences_german", "general_knowledge", "geometric_shapes", "goal_step_wikihow",
-    "gre_reading_comprehension", "hhh_alignment", "hindi_question_answering", "hindu_knowledge",
-    "hinglish_toxicity", "human_organs_senses", "hyperbaton", "identify_math_theorems", "identify_odd_metaphor",
-    "implicatures", "implicit_relations", "intent_recognition", "international_phonetic_alphabet_nli",
+    "gre_reading_comprehension", "hhh_alignment", "hindi_question_answering", "hindu_knowledge", "hinglish_toxicity",
+    "human_organs_senses", "hyperbaton", "identify_math_theorems", "identify_odd_metaphor", "implicatures",
+    "implicit_relations", "intent_recognition", "international_phonetic_alphabet_nli",
     "international_phonetic_alphabet_transliterate", "intersect_geometry", "irony_identification", "kanji_ascii",
-    "kannada", "key_value_maps", "known_unknowns", "language_games", "language_identification",
-    "linguistic_mappings", "linguistics_puzzles", "list_functions", "logic_grid_puzzle", "logical_args",
-    "logical_deduction", "logical_fallacy_detection", "logical_sequence", "mathematical_induction", "matrixshapes",
-    "metaphor_boolean", "metaphor_understanding", "minute_mysteries_qa", "misconceptions", "misconceptions_russian",
-    "mnist_ascii", "modified_arithmetic", "moral_permissibility", "movie_dialog_same_or_different",
-    "movie_recommendation", "mult_data_wrangling", "multiemo", "natural_instructions", "navigate",
-    "nonsense_words_grammar", "novel_concepts", "object_counting", "odd_one_out", "operators",
-    "paragraph_segmentation", "parsinlu_qa", "parsinlu_reading_comprehension", "penguins_in_a_table",
-    "periodic_elements", "persian_idioms", "phrase_relatedness", "physical_intuition", "physics",
-    "physics_questions", "play_dialog_same_or_different", "polish_sequence_labeling", "presuppositions_as_nli",
-    "qa_wikidata", "question_selection", "real_or_fake_text", "reasoning_about_colored_objects",
-    "repeat_copy_logic", "rephrase", "riddle_sense", "ruin_names", "salient_translation_error_detection",
-    "scientific_press_release", "semantic_parsing_in_context_sparc", "semantic_parsing_spider",
-    "sentence_ambiguity", "similarities_abstraction", "simp_turing_concept", "simple_arithmetic_json",
-    "simple_arithmetic_json_multiple_choice", "simple_arithmetic_json_subtasks",
+    "kannada", "key_value_maps", "known_unknowns", "language_games", "language_identification", "linguistic_mappings",
+    "linguistics_puzzles", "list_functions", "logic_grid_puzzle", "logical_args", "logical_deduction",
+    "logical_fallacy_detection", "logical_sequence", "mathematical_induction", "matrixshapes", "metaphor_boolean",
+    "metaphor_understanding", "minute_mysteries_qa", "misconceptions", "misconceptions_russian", "mnist_ascii",
+    "modified_arithmetic", "moral_permissibility", "movie_dialog_same_or_different", "movie_recommendation",
+    "mult_data_wrangling", "multiemo", "natural_instructions", "navigate", "nonsense_words_grammar", "novel_concepts",
+    "object_counting", "odd_one_out", "operators", "paragraph_segmentation", "parsinlu_qa",
+    "parsinlu_reading_comprehension", "penguins_in_a_table", "periodic_elements", "persian_idioms",
+    "phrase_relatedness", "physical_intuition", "physics", "physics_questions", "play_dialog_same_or_different",
+    "polish_sequence_labeling", "presuppositions_as_nli", "qa_wikidata", "question_selection", "real_or_fake_text",
+    "reasoning_about_colored_objects", "repeat_copy_logic", "rephrase", "riddle_sense", "ruin_names",
+    "salient_translation_error_detection", "scientific_press_release", "semantic_parsing_in_context_sparc",
+    "semantic_parsing_spider", "sentence_ambiguity", "similarities_abstraction", "simp_turing_concept",
+    "simple_arithmetic_json", "simple_arithmetic_json_multiple_choice", "simple_arithmetic_json_subtasks",
     "simple_arithmetic_multiple_targets_json", "simple_ethical_questions", "simple_text_editing", "snarks",
-    "social_iqa", "social_support", "sports_understanding", "strange_stories", "strategyqa",
-    "sufficient_information", "suicide_risk", "swahili_english_proverbs", "swedish_to_german_proverbs",
-    "symbol_interpretation", "temporal_sequences", "tense", "timedial", "topical_chat", "tracking_shuffled_objects",
-    "understanding_fables", "undo_permutation", "unit_conversion", "unit_interpretation",
-    "unnatural_in_context_learning", "vitaminc_fact_verification", "what_is_the_tao", "which_wiki_edit", "winowhy",
-    "word_sorting", "word_unscrambling"
+    "social_iqa", "social_support", "sports_understanding", "strange_stories", "strategyqa", "sufficient_information",
+    "suicide_risk", "swahili_english_proverbs", "swedish_to_german_proverbs", "symbol_interpretation",
+    "temporal_sequences", "tense", "timedial", "topical_chat", "tracking_shuffled_objects", "understanding_fables",
+    "undo_permutation", "unit_conversion", "unit_interpretation", "unnatural_in_context_learning",
+    "vitaminc_fact_verification", "what_is_the_tao", "which_wiki_edit", "winowhy", "word_sorting", "word_unscrambling",
 )
 BIGBENCH_SEED = 42  # lm-eval's BIG-bench port orders the choices listed in a prompt with RandomState(42)
 HEAD_ROWS = 2048  # positions put through the output head at once: bounds the (rows, vocab) logits in memory
@@ -151,14 +144,10 @@ def token_logprobs(model: GPT, hidden: torch.Tensor, targets: torch.Tensor) -> t
     return torch.cat(logps), torch.cat(argmax)
 
 
-def _device(model: GPT) -> torch.device:
-    return model.transformer.wte.weight.device
-
-
 def score_windows(model: GPT, ids: Sequence[int], windows: Sequence[Window], *, batch_size: int = 4,
                   progress: bool = False) -> list[float]:
     """The summed negative log-likelihood (nats) of each window's scored tokens."""
-    device = _device(model)
+    device = model.transformer.wte.weight.device
     ids_t = torch.as_tensor(ids, dtype=torch.long)
     nlls: list[float] = []
     with torch.inference_mode(), tqdm(total=len(windows), unit="window", desc="perplexity",
@@ -215,7 +204,7 @@ def score_continuations(model: GPT, requests: Sequence[tuple[Sequence[int], Sequ
         inputs.append((list(ctx) + list(cont))[-(n_ctx + 1):][:-1])
     # Longest first, as lm-eval: rows of a batch have similar lengths, and running out of memory shows at once.
     order = sorted(range(len(requests)), key=lambda i: -len(inputs[i]))
-    device = _device(model)
+    device = model.transformer.wte.weight.device
     scores: list[Score | None] = [None] * len(requests)
     with torch.inference_mode(), tqdm(total=len(requests), unit="req", desc="scoring",
                                       disable=None if progress else True) as bar:
@@ -608,73 +597,3 @@ def _some(examples: list[Any], limit: int | None, path: Path) -> list[Any]:
     if not examples:
         raise TaskFormatError(f"{path} holds no examples")
     return examples[:limit]
-
-
-def summary(results: dict[str, Any]) -> str:
-    """One line a person can read: the task, its metrics, how many examples, how long."""
-    metrics = ", ".join(f"{k} {v:.4f}" for k, v in results["metrics"].items())
-    unit = "windows" if results["task"] == "perplexity" else "examples"
-    return f"{results['task']} on {results['data']}: {metrics} ({results['n_examples']} {unit}, " \
-           f"{results['seconds']:.1f} s)"
-
-
-def evaluate(model: str, *, task: Task, data: str, stride: int | None = None, batch_size: int = 8,
-             limit: int | None = None, out: Path | None = None, per_example: bool = False,
-             tokenizer: str | None = None, device: str = "auto") -> str:
-    """Score a model: perplexity of a text file, or a zero-shot benchmark (LAMBADA, HellaSwag, BIG-bench).
-
-    model: a gpt2lab checkpoint, a training run folder (its newest checkpoint) or a Hugging Face GPT-2 folder
-    task: what to measure; the file format follows: text, LAMBADA jsonl, HellaSwag jsonl, BIG-bench task.json
-    data: the task's file; for multiple-choice also bigbench:TASK (taken from the bigbench 1.0.0 sdist)
-    stride: perplexity only: tokens between window starts (default n_ctx / 2)
-    batch_size: windows or choices per forward pass
-    limit: score only the first N examples (perplexity: the first N windows)
-    out: write the results (JSON) to this file (a new one, or results gpt2lab eval wrote before)
-    per_example: include every example's scores in the results file
-    tokenizer: a tokenizer folder, or gpt2 (default: the one the model was saved with)
-    device: auto (a GPU when there is one, else the CPU), cpu, cuda, cuda:N or mps
-    """
-    # Everything that can be checked without the model is checked before it is loaded.
-    out = None if out is None else _check_out(Path(out))
-    _check_options(task, stride, batch_size, limit)
-    torch_device = resolve_device(device)
-    path = _data_file(task, data)
-    tok = load_tokenizer(model) if tokenizer is None else (
-        Tokenizer.gpt2() if tokenizer == "gpt2" else Tokenizer.from_dir(tokenizer))
-    gpt = load_model(model, device=torch_device, tokenizer=tok)
-    results = evaluate_model(gpt, tok, task=task, data=path, stride=stride, batch_size=batch_size, limit=limit,
-                             progress=True)
-    results = {"model": str(model), "tokenizer": tok.name, "device": str(torch_device), **results}
-    if not per_example:
-        results.pop("examples")
-    line = summary(results)
-    if out is not None:
-        clean_leftovers(out.parent, out.name)  # what a killed earlier write left beside it
-        write_json(out, results)
-        line += f"; results in {out}"
-    return line
-
-
-def _check_out(out: Path) -> Path:
-    """Refuse, before any work, an --out that the results cannot or must not replace."""
-    if out.is_dir():
-        raise DestinationError(f"--out {out} is a folder; give the path of the results file, "
-                               f"e.g. {out / 'results.json'}")
-    folder = next(p for p in out.parents if p.exists())  # where the missing folders would be made
-    if not folder.is_dir():
-        raise DestinationError(f"--out {out}: {folder} is a file, not a folder; choose a path inside a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise DestinationError(f"--out {out}: {folder} is not writable; choose a folder you can write to")
-    if (out.exists() or out.is_symlink()) and not _is_results(out):
-        raise DestinationError(f"--out {out} is a file that gpt2lab eval did not write; gpt2lab never replaces "
-                               "it: choose another path")
-    return out
-
-
-def _is_results(path: Path) -> bool:
-    """Whether `path` holds results that `gpt2lab eval --out` wrote (those it may replace)."""
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(obj, dict) and {"model", "task", "metrics"} <= obj.keys()

@@ -51,11 +51,12 @@ from .checkpoint import (
 from .config import TrainConfig
 from .device import resolve_device
 from .errors import ConfigError, DataError, TrainingError
+from .metrics import raise_if_stopped, summary
 from .model import GPT, CausalSelfAttention
 from .rundir import METRICS, open_run
 from .template import DEFAULT_TEMPLATE, PromptTemplate
 from .tokenizer import Tokenizer
-from .train import Batch, FitResult, Strategy, fit, raise_if_stopped, summary
+from .train import Batch, FitResult, Strategy, fit
 
 DataFormat = Literal["auto", "text", "prompt-completion"]
 TooLong = Literal["skip", "truncate", "error"]

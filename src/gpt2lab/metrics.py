@@ -15,22 +15,26 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from . import files
 from .config import GPTConfig
-from .errors import TrainingError
+from .errors import Stopped, TrainingError
 from .model import GPT
 from .rundir import METRICS
+
+if TYPE_CHECKING:  # the loop imports this module, not the other way round
+    from .train import FitResult
 
 # -- MFU ---------------------------------------------------------------------------------------
 
@@ -227,3 +231,26 @@ def plot_metrics(run_dir: str | Path) -> Path:
             ylabel="validation bits per byte" if key == "val_bpb" else "validation loss (nats/token)")
     ax2.grid(alpha=0.3)
     return files.atomic_write(run_dir / "loss.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+
+
+def raise_if_stopped(result: FitResult, report: str) -> None:
+    """Raise Stopped for a run that a signal stopped (it saved first): the CLI exits 128 + signal."""
+    if result.signal is not None:
+        where = f"saved {result.checkpoint}; continue with --resume" if result.checkpoint else "nothing to save yet"
+        raise Stopped(f"stopped by {signal.Signals(result.signal).name} at step {result.step} ({where})",
+                      report=report, signum=result.signal)
+
+
+def summary(result: FitResult, run_dir: str | Path) -> str:
+    """A few lines saying how a run ended and where its outputs are."""
+    lines = [f"stopped at step {result.step} ({result.stop_reason.replace('_', ' ')}) "
+             f"after {result.elapsed_s / 60:.1f} min"]
+    if result.val_loss is not None:
+        bpb = f" = {result.val_bpb:.4f} bits/byte" if result.val_bpb is not None else ""
+        lines.append(f"validation loss {result.val_loss:.4f} nats/token{bpb}")
+    if result.best_step is not None:
+        lines.append(f"best validation loss {result.best_val_loss:.4f} at step {result.best_step}")
+    if result.checkpoint is not None:
+        lines.append(f"checkpoint: {result.checkpoint}")
+    lines.append(f"metrics: {Path(run_dir) / METRICS}; plot: {Path(run_dir) / 'loss.png'}")
+    return "\n".join(lines)

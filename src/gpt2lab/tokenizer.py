@@ -23,16 +23,13 @@ from __future__ import annotations
 
 import codecs
 import functools
-import hashlib
 import json
 import operator
 import os
 import re
-import stat
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +38,8 @@ import tiktoken
 from .errors import TokenizerError
 from .fetch import Package, fetch_package, sha256_file
 from .files import atomic_dir, atomic_write, check_destination, is_record, only_names
+from .vocab import Vocabulary, _unspell, read_bpe_files, read_hf_tokenizer_json, unicode_to_byte
+from .vocab import byte_to_unicode as byte_to_unicode  # re-exported: gpt2lab.tokenizer names the byte map too
 
 EOT = "<|endoftext|>"
 # OpenAI's pre-tokenization regex (encoder.py): contractions, letters, digits, other symbols, spaces.
@@ -66,116 +65,6 @@ MAX_VOCAB = 1 << 32  # ids must fit the uint32 of token shards (and tiktoken's r
 
 AllowedSpecial = Literal["all"] | frozenset[str] | set[str]
 
-
-@functools.cache
-def byte_to_unicode() -> dict[int, str]:
-    """GPT-2's map from each byte to a printable character, so BPE files can be plain text.
-
-    Printable Latin-1 bytes stand for themselves; the rest (controls, space, ...) are shifted to
-    U+0100 and up, in byte order. Space becomes "Ġ", newline "Ċ".
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    out = {b: chr(b) for b in printable}
-    shifted = (b for b in range(256) if b not in out)
-    out.update({b: chr(256 + n) for n, b in enumerate(shifted)})
-    return out
-
-
-@functools.cache
-def unicode_to_byte() -> dict[str, int]:
-    return {c: b for b, c in byte_to_unicode().items()}
-
-
-@functools.cache
-def _unspell_table() -> dict[int, str]:
-    # str.translate to Latin-1 characters, then .encode("latin-1"): the bytes, at C speed. Latin-1
-    # characters that GPT-2 never writes (space, controls) go to one that makes the encode fail.
-    table = {ord(c): "\uffff" for c in map(chr, range(256))}
-    table.update({ord(c): chr(b) for c, b in unicode_to_byte().items()})
-    return table
-
-
-def _unspell(spelled: str) -> bytes:
-    """The bytes a token spelled in GPT-2's files stands for (UnicodeEncodeError if not spelled so)."""
-    return spelled.translate(_unspell_table()).encode("latin-1")
-
-
-def _spell(token: bytes) -> str:
-    """A token's bytes as GPT-2's files write them."""
-    table = byte_to_unicode()
-    return "".join(table[b] for b in token)
-
-
-# -- the vocabulary ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, eq=False)
-class Vocabulary:
-    """A byte-level BPE vocabulary: every token by id, and the merges in priority order.
-
-    tokens[i] is bytes for an ordinary token, str for a special token (e.g. "<|endoftext|>").
-    """
-
-    tokens: tuple[bytes | str, ...]
-    merges: tuple[tuple[bytes, bytes], ...]
-
-    @classmethod
-    def from_json(cls, encoder: dict[str, int], merges: list[tuple[str, str]], *, source: str) -> Vocabulary:
-        """Read the contents of encoder.json and vocab.bpe, checking that they describe a byte-level BPE."""
-        def as_bytes(spelled: str, where: str) -> bytes:
-            try:
-                return _unspell(spelled)
-            except UnicodeEncodeError as e:
-                raise TokenizerError(f"{source}: {where} {spelled!r} is not spelled with GPT-2's byte characters; "
-                                     "this is not a byte-level BPE vocabulary") from e
-
-        if not isinstance(encoder, dict) or not all(isinstance(v, int) for v in encoder.values()):
-            raise TokenizerError(f"{source}: the encoder must be a JSON object mapping tokens to integer ids")
-        n = len(encoder)
-        if sorted(encoder.values()) != list(range(n)):
-            raise TokenizerError(f"{source}: token ids must be 0..{n - 1}, each used once; this encoder has gaps "
-                                 "or repeats")
-        ordinary: set[str] = set(byte_to_unicode().values())
-        missing = [c for c in ordinary if c not in encoder]
-        if missing:
-            raise TokenizerError(f"{source}: the encoder lacks the byte token {missing[0]!r} ({len(missing)} missing); "
-                                 "a byte-level BPE vocabulary needs all 256")
-        byte_merges: list[tuple[bytes, bytes]] = []
-        for i, merge in enumerate(merges):
-            if not (isinstance(merge, tuple | list) and len(merge) == 2 and all(isinstance(m, str) for m in merge)):
-                raise TokenizerError(f"{source}: merge {i + 1} is {merge!r}, not a pair of tokens 'left right'")
-            left, right = merge
-            for part in (left, right, left + right):
-                if part not in encoder:
-                    raise TokenizerError(f"{source}: merge {i + 1} ({left} {right}) uses {part!r}, which the encoder "
-                                         "lacks; encoder and merges do not belong together")
-            ordinary.add(left + right)
-            byte_merges.append((as_bytes(left, "merge part"), as_bytes(right, "merge part")))
-        tokens: list[bytes | str] = [b""] * n
-        for spelled, i in encoder.items():
-            # Entries that no merge creates (e.g. "<|endoftext|>") are special tokens, taken literally.
-            tokens[i] = as_bytes(spelled, "token") if spelled in ordinary else spelled
-        return cls(tokens=tuple(tokens), merges=tuple(byte_merges))
-
-    def to_json(self) -> tuple[dict[str, int], list[str]]:
-        """(encoder.json's mapping, vocab.bpe's merge lines)."""
-        encoder = {(t if isinstance(t, str) else _spell(t)): i for i, t in enumerate(self.tokens)}
-        return encoder, [f"{_spell(a)} {_spell(b)}" for a, b in self.merges]
-
-    @functools.cached_property
-    def sha256(self) -> str:
-        """A hash of the content (tokens by id, merges in order), the same whichever files it came from."""
-        h = hashlib.sha256(b"gpt2lab byte-level BPE v1\n")
-        h.update(b"".join(b"S" + t.encode() + b"\n" if isinstance(t, str) else b"T" + t.hex().encode() + b"\n"
-                          for t in self.tokens))
-        h.update(b"".join(b"M" + a.hex().encode() + b" " + b.hex().encode() + b"\n" for a, b in self.merges))
-        return h.hexdigest()
-
-    @property
-    def special(self) -> dict[str, int]:
-        return {t: i for i, t in enumerate(self.tokens) if isinstance(t, str)}
-
-
 def _ranks(vocab: Vocabulary) -> tuple[dict[bytes, int], dict[str, int], list[int] | None]:
     """tiktoken's (mergeable ranks, special tokens), and the rank -> id table when ids are not ranks.
 
@@ -195,47 +84,6 @@ def _ranks(vocab: Vocabulary) -> tuple[dict[bytes, int], dict[str, int], list[in
     special_ranks = {vocab.tokens[i]: r for r, i in enumerate(order) if isinstance(vocab.tokens[i], str)}
     return ranks, special_ranks, order  # type: ignore[return-value]
 
-
-def read_bpe_files(encoder_json: str | Path, vocab_bpe: str | Path) -> Vocabulary:
-    """Read a vocabulary from OpenAI's encoder.json + vocab.bpe (or HF's vocab.json + merges.txt)."""
-    encoder_json, vocab_bpe = Path(encoder_json), Path(vocab_bpe)
-    for f in (encoder_json, vocab_bpe):
-        if not f.is_file():
-            raise TokenizerError(f"{f} does not exist: give an encoder.json (vocab.json) and vocab.bpe (merges.txt)")
-    try:
-        encoder = json.loads(encoder_json.read_text(encoding="utf-8"))
-        lines = vocab_bpe.read_text(encoding="utf-8").split("\n")
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{encoder_json} or {vocab_bpe} cannot be read ({e}); the file is corrupt") from e
-    merges: list[tuple[str, str]] = []
-    for n, line in enumerate(lines, 1):
-        if not line or (n == 1 and line.startswith("#version")):
-            continue
-        parts = line.split(" ")
-        if len(parts) != 2 or not all(parts):
-            raise TokenizerError(f"{vocab_bpe}:{n}: expected a merge 'left right', got {line[:60]!r}")
-        merges.append((parts[0], parts[1]))
-    return Vocabulary.from_json(encoder, merges, source=f"{encoder_json.name}+{vocab_bpe.name}")
-
-
-def read_hf_tokenizer_json(path: Path) -> Vocabulary:
-    """The vocabulary in a Hugging Face fast-tokenizer file, if it is GPT-2's kind of tokenizer:
-    byte-level BPE with GPT-2's regex, no normalizer (anything else would give other ids)."""
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-        model, pre = spec["model"], spec.get("pre_tokenizer") or {}
-        byte_level = (model.get("type") == "BPE" and spec.get("normalizer") is None
-                      and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
-                      and not pre.get("add_prefix_space", True))
-        if not byte_level:
-            raise TokenizerError(f"{path} is not GPT-2-style byte-level BPE (model {model.get('type')}, "
-                                 f"pre-tokenizer {pre.get('type')}); gpt2lab reads only those")
-        encoder = dict(model["vocab"])
-        encoder.update({t["content"]: t["id"] for t in spec.get("added_tokens", [])})
-        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise TokenizerError(f"{path} is not a readable Hugging Face tokenizer.json ({e})") from e
-    return Vocabulary.from_json(encoder, merges, source=str(path))  # type: ignore[arg-type]
 
 
 # -- the tokenizer -----------------------------------------------------------------------------
@@ -619,57 +467,13 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def _iter_text(sources: Sequence[str] | None) -> Iterator[tuple[str, str]]:
-    """(name, text) of each file, or of stdin when there are none. Text is read exactly (\\r\\n kept)."""
-    if not sources:
-        yield "<stdin>", _utf8(_read_stdin(), "<stdin>")
-        return
-    for src in sources:
-        p = Path(src)
-        if not p.is_file():
-            raise TokenizerError(f"{src} is not a file")
-        yield src, _utf8(p.read_bytes(), src)
-
-
-def _stdin() -> Any:
-    """Standard input, its bytes where it has them; a one-line error where it is closed."""
-    stdin = sys.stdin
-    # Python sets sys.stdin to None when the process starts with descriptor 0 closed (`0<&-`).
-    if stdin is None or getattr(stdin, "closed", False):
-        raise TokenizerError("standard input is closed, so there is nothing to read: give files with --input FILE, "
-                             "or pipe the input in")
-    return getattr(stdin, "buffer", stdin)
-
-
-def _read_stdin() -> bytes:
-    """All of standard input, or a one-line error where there is none to read."""
-    try:
-        data = _stdin().read()
-    except OSError as e:  # e.g. `< folder`: EISDIR
-        raise TokenizerError(f"cannot read standard input ({e.strerror or e}): give files with --input FILE, "
-                             "or pipe the input in") from None
-    # A text stream without bytes (a StringIO): back to the bytes it stands for, lone surrogates
-    # kept as invalid UTF-8 so that _utf8 reports them.
-    return data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
-
-
-def _utf8(data: bytes, name: str) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise TokenizerError(f"{name} is not UTF-8 text (bad byte at offset {e.start}); convert it first") from None
-
-
-def _pick(tokenizer: str | None) -> Tokenizer:
-    return Tokenizer.gpt2() if tokenizer is None else Tokenizer.from_dir(tokenizer)
-
-
 # -- training ----------------------------------------------------------------------------------
 
 
 def train_tokenizer(input: list[str] | None = None, *, vocab_size: int = 50257, out: str | None = None,
-                    min_frequency: int = 2, force: bool = False) -> str:
-    """Learn a byte-level BPE vocabulary with GPT-2's pre-tokenization from text files.
+                    min_frequency: int = 2, force: bool = False) -> Tokenizer:
+    """Learn a byte-level BPE vocabulary with GPT-2's pre-tokenization from text files, save it to
+    `out` and return it (`gpt2lab tokenizer train`; its errors name the command's options).
 
     input: UTF-8 text files to learn from (read in chunks: any size works)
     vocab_size: ids in the result: 256 bytes + merges + <|endoftext|> (the last id)
@@ -711,9 +515,7 @@ def train_tokenizer(input: list[str] | None = None, *, vocab_size: int = 50257, 
         tok.save(tmp)
         # Again, as late as possible: the user may have put files in the folder while we trained.
         check_destination(out, what="tokenizer", ours=_is_saved_tokenizer, force=force, sources=input)
-    short = f"; asked for {vocab_size}, but no more pairs occur {min_frequency}+ times" \
-        if tok.vocab_size < vocab_size else ""
-    return f"wrote {tok.name} ({tok.vocab_size} ids{short}) to {out}"
+    return tok
 
 
 def _trained_vocabulary(merges: list[Any]) -> Vocabulary:
@@ -753,59 +555,6 @@ def _check_parent(path: Path, flag: str) -> None:
         raise TokenizerError(f"{flag} {path}: {above} is a file, not a folder; give a path inside a folder")
 
 
-_NOT_REGULAR = {stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFCHR: "a character device",
-                stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
-
-
-def _check_output_file(path: Path, flag: str, *, force: bool, sources: Sequence[str] = (),
-                       keep: str | None = None) -> None:
-    """Refuse an output file whose writing would lose something (docs/guide/files.md).
-
-    The file is written under a temporary name and renamed over `path`, which would replace
-    whatever is there, so: a missing path is fine; a link, FIFO, device or socket is refused (the
-    rename would replace the link or the device node itself, not write to what it stands for); one
-    of the `sources`, or the file standard input reads, is refused even with `force`, and so is a
-    file inside the folder `keep` (the tokenizer being read); any other regular file only with `force`.
-    """
-    try:
-        st = os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):  # NotADirectoryError: a file above it
-        _check_parent(path, flag)
-        return
-    if stat.S_ISDIR(st.st_mode):
-        raise TokenizerError(f"{flag} {path} is a folder; give the path of a file to write, e.g. {path / 'out.txt'}")
-    if stat.S_ISLNK(st.st_mode):
-        raise TokenizerError(f"{flag} {path} is a symbolic link (to {os.readlink(path)}); gpt2lab never replaces "
-                             "a link: give the path of a regular file, or a new one")
-    if not stat.S_ISREG(st.st_mode):
-        kind = _NOT_REGULAR.get(stat.S_IFMT(st.st_mode), "not a regular file")
-        raise TokenizerError(f"{flag} {path} is {kind}; gpt2lab writes its output by renaming a new file over "
-                             "the path, which would replace it: give the path of a regular file, or a new one "
-                             "(or leave out --output to print the text)")
-    # The same inode, not the same name: a link or another spelling of the path is the same file.
-    same = (st.st_dev, st.st_ino)
-    for src in sources:
-        if _identity(src) == same:
-            raise TokenizerError(f"{flag} {path} is the input {src}; writing there would destroy it: "
-                                 "choose another path")
-    if _identity(sys.stdin) == same:
-        raise TokenizerError(f"{flag} {path} is the file standard input reads; writing there would destroy it: "
-                             "choose another path")
-    if keep is not None and Path(keep).is_dir() and path.resolve().is_relative_to(Path(keep).resolve()):
-        raise TokenizerError(f"{flag} {path} is inside the tokenizer folder {keep}; writing there could destroy "
-                             "the tokenizer: choose another path")
-    if not force:
-        raise TokenizerError(f"{flag} {path} already exists; pass --force to replace it, or choose another path")
-
-
-def _identity(file: str | Any) -> tuple[int, int] | None:
-    """(device, inode) of a path (links followed) or an open stream; None where there is none."""
-    try:
-        st = os.stat(file) if isinstance(file, str | os.PathLike) else os.fstat(file.fileno())
-    except (AttributeError, OSError, ValueError):  # missing; stdin None, a StringIO, or closed
-        return None
-    return st.st_dev, st.st_ino
-
 
 def _is_saved_tokenizer(folder: Path) -> bool:
     """Whether `folder` is one that `Tokenizer.save` wrote: our record, and nothing but its files."""
@@ -842,111 +591,3 @@ def _chunks(files: Sequence[Path], bar: Any, size: int = 1 << 16) -> Iterator[st
                     break
             if rest:
                 yield rest
-
-
-# -- the command line ----------------------------------------------------------------------------
-
-
-def encode_files(input: list[str] | None = None, *, tokenizer: str | None = None, allow_special: bool = False,
-                 json_lists: bool = False) -> str:
-    """Encode text into token ids: one line of space-separated ids per input.
-
-    input: UTF-8 text files (default: read stdin)
-    tokenizer: a tokenizer or checkpoint folder (default: GPT-2's)
-    allow_special: encode "<|endoftext|>" in the text as the special token, not as plain text
-    json_lists: print each input's ids as a JSON list
-    """
-    if not input:
-        _stdin()  # closed: refused before the tokenizer is loaded
-    tok = _pick(tokenizer)
-    names, texts = zip(*_iter_text(input), strict=True)
-    all_ids = tok.encode_batch(list(texts), allowed_special="all" if allow_special else frozenset())
-    if json_lists:
-        return "\n".join(json.dumps(ids) for ids in all_ids)
-    return "\n".join(" ".join(map(str, ids)) for ids in all_ids)
-
-
-def decode_ids(input: list[str] | None = None, *, tokenizer: str | None = None, output: str | None = None,
-               force: bool = False) -> str:
-    """Decode token ids (space-separated, or a JSON list) into text.
-
-    input: files of ids (default: read stdin)
-    tokenizer: a tokenizer or checkpoint folder (default: GPT-2's)
-    output: write the tokens' bytes to this file, byte for byte (even a character cut in two), instead of printing
-    force: replace an existing --output file (never an input, a link, a FIFO or a device)
-    """
-    def check_output(path: Path) -> None:
-        _check_output_file(path, "--output", force=force, sources=input or (), keep=tokenizer)
-
-    if output is not None:
-        check_output(Path(output))
-    if not input:
-        _stdin()  # closed: refused before the tokenizer is loaded
-    tok = _pick(tokenizer)
-    ids: list[int] = []
-    for name, text in _iter_text(input):
-        ids += _parse_ids(text, name, tok)
-    if output is None:
-        return tok.decode(ids)  # text: an incomplete character becomes U+FFFD
-    data = tok.decode_bytes(ids)
-    check_output(Path(output))  # again, as late as possible: reading stdin may have taken a while
-    atomic_write(output, data)
-    return f"wrote {len(ids)} tokens as {len(data)} bytes to {output}"
-
-
-def count_tokens(input: list[str] | None = None, *, tokenizer: str | None = None) -> dict[str, Any]:
-    """Count the tokens in text files (or stdin).
-
-    input: UTF-8 text files (default: read stdin)
-    tokenizer: a tokenizer or checkpoint folder (default: GPT-2's)
-    """
-    if not input:
-        _stdin()  # closed: refused before the tokenizer is loaded
-    tok = _pick(tokenizer)
-    names, texts = zip(*_iter_text(input), strict=True)
-    counts = [len(ids) for ids in tok.encode_batch(list(texts))]
-    size = sum(len(t.encode("utf-8")) for t in texts)
-    return {"tokenizer": tok.name, "tokens": sum(counts), "bytes": size,
-            "bytes_per_token": round(size / max(sum(counts), 1), 3), "files": dict(zip(names, counts, strict=True))}
-
-
-# Plain ASCII digits only: int() would also take "1_000", "+5", " 7", "٣" or "１", and JSON's
-# true/false are ints to Python.
-_ID = re.compile(r"-?[0-9]+")  # a minus sign only so that the error can say the id is out of range
-_ASCII_SPACE = re.compile(r"[ \t\n\r\f\v]+")
-_IDS_HINT = "write token ids in ASCII digits, space-separated or as a JSON list of integers"
-
-
-class _NotAnId(str):
-    """A JSON number that is not an integer (1.0, 1e3, NaN), kept as it was written."""
-
-
-def _parse_ids(text: str, name: str, tok: Tokenizer) -> list[int]:
-    """The ids in `text` (input `name`): space-separated or a JSON list, each an id of `tok`."""
-    text = text.strip(" \t\n\r\f\v")
-    # (the id or None, the token as written)
-    if text.startswith("["):
-        try:
-            items = json.loads(text, parse_float=_NotAnId, parse_constant=_NotAnId)
-        except (ValueError, RecursionError) as e:  # RecursionError: "[[[[..." nested too deep
-            raise TokenizerError(f"{name}: not a JSON list of token ids ({e}); {_IDS_HINT}") from None
-        tokens = [(x if type(x) is int else None,  # type(): not bool
-                   x if isinstance(x, _NotAnId) else json.dumps(x)) for x in items]
-    else:
-        # More digits than any vocabulary's ids have is out of range, whatever int()'s digit limit.
-        tokens = [((int(t) if len(t) < 20 else tok.vocab_size) if _ID.fullmatch(t) else None, t)
-                  for t in (_ASCII_SPACE.split(text) if text else [])]
-    ids: list[int] = []
-    for n, (i, spelled) in enumerate(tokens, 1):
-        if i is None:
-            raise TokenizerError(f"{name}: {_short(spelled)} (token {n}) is not a token id; {_IDS_HINT}")
-        if not 0 <= i < tok.vocab_size:
-            raise TokenizerError(f"{name}: token id {_short(spelled)} (token {n}) is not in vocabulary {tok.name} "
-                                 f"(ids are 0..{tok.vocab_size - 1})")
-        ids.append(i)
-    return ids
-
-
-def _short(token: str, limit: int = 40) -> str:
-    """A token as an error message shows it: quoted, escaped, one line, not too long."""
-    return repr(token if len(token) <= limit else token[:limit] + "...")

@@ -1,8 +1,9 @@
-"""Training: one `fit()` loop for pretraining and fine-tuning, and `gpt2lab train`.
+"""Training: one `fit()` loop for pretraining and fine-tuning, and `pretrain` on a data folder.
 
     fit(model, config, batches)      the loop: accumulation, AdamW, warmup + cosine, clipping,
                                      evaluation, checkpoints, resume, Ctrl-C, NaN stop, metrics
-    train(data=..., out=..., config) `gpt2lab train`: a prepared token folder -> a run folder
+    pretrain(data, out, config)      a prepared token folder -> a run folder (`gpt2lab train`,
+                                     whose command is gpt2lab.commands.train)
 
 Pretraining and fine-tuning differ in their batches and a `Strategy` (the loss, how the model is
 saved and loaded); the parameters that train are those with `requires_grad`. The loop owns none
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import signal
 import sys
 import time
@@ -34,7 +34,7 @@ from . import distributed
 from .checkpoint import load_config, load_model, read_config_json, weights_bytes, write_model_files
 from .config import PRESETS, GPTConfig, TrainConfig, preset  # TrainConfig: also gpt2lab.train.TrainConfig
 from .device import resolve_device
-from .errors import Stopped, TrainingError
+from .errors import TrainingError
 from .metrics import RunLog, Window, flops_per_token, peak_flops, plot_metrics, write_provenance
 from .model import GPT
 from .rundir import METRICS, RunDir, open_run, seed_everything
@@ -527,7 +527,7 @@ class _Trainer:
         return result
 
 
-# -- `gpt2lab train` ---------------------------------------------------------------------------
+# -- pretraining from a data folder --------------------------------------------------------
 
 
 def model_config(spec: str, *, vocab_size: int, dropout: float = 0.0) -> GPTConfig:
@@ -558,27 +558,6 @@ def model_config(spec: str, *, vocab_size: int, dropout: float = 0.0) -> GPTConf
         raise TrainingError(f"{spec} has vocab_size {cfg.vocab_size} but the data's tokenizer has {vocab_size} ids; "
                             "raise vocab_size in the config")
     return dataclasses.replace(cfg, dropout=dropout)
-
-
-def train(*, data: str, out: str, config: TrainConfig | None = None, resume: bool = False) -> str | None:
-    """Train a GPT-2 from scratch on a prepared data folder (under torchrun: DDP, or FSDP2 with --fsdp).
-
-    data:   a folder written by `gpt2lab prepare SOURCE --out DATA_DIR`
-    out:    the run folder: checkpoints/, metrics.jsonl, loss.png, provenance.jsonl
-    resume: continue the run in --out from its newest checkpoint
-    """
-    result = pretrain(data, out, config or TrainConfig(), resume=resume)
-    report = summary(result, out) if int(os.environ.get("RANK", "0")) == 0 else ""  # rank 0 reports
-    raise_if_stopped(result, report)
-    return report or None
-
-
-def raise_if_stopped(result: FitResult, report: str) -> None:
-    """Raise Stopped for a run that a signal stopped (it saved first): the CLI exits 128 + signal."""
-    if result.signal is not None:
-        where = f"saved {result.checkpoint}; continue with --resume" if result.checkpoint else "nothing to save yet"
-        raise Stopped(f"stopped by {signal.Signals(result.signal).name} at step {result.step} ({where})",
-                      report=report, signum=result.signal)
 
 
 def pretrain(data: str | Path, out: str | Path, cfg: TrainConfig, *, resume: bool = False) -> FitResult:
@@ -615,18 +594,3 @@ def pretrain(data: str | Path, out: str | Path, cfg: TrainConfig, *, resume: boo
     finally:
         if joined:
             distributed.shutdown()
-
-
-def summary(result: FitResult, run_dir: str | Path) -> str:
-    """A few lines saying how a run ended and where its outputs are."""
-    lines = [f"stopped at step {result.step} ({result.stop_reason.replace('_', ' ')}) "
-             f"after {result.elapsed_s / 60:.1f} min"]
-    if result.val_loss is not None:
-        bpb = f" = {result.val_bpb:.4f} bits/byte" if result.val_bpb is not None else ""
-        lines.append(f"validation loss {result.val_loss:.4f} nats/token{bpb}")
-    if result.best_step is not None:
-        lines.append(f"best validation loss {result.best_val_loss:.4f} at step {result.best_step}")
-    if result.checkpoint is not None:
-        lines.append(f"checkpoint: {result.checkpoint}")
-    lines.append(f"metrics: {Path(run_dir) / METRICS}; plot: {Path(run_dir) / 'loss.png'}")
-    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""The command layer: printing, standard input, files, REPLs. It calls the library, never the reverse."""
