@@ -108,7 +108,8 @@ CASES = [(command, args) for command, cases in BAD.items() for args in cases]
 
 
 @pytest.mark.parametrize("command, args", CASES, ids=[f"{c or 'gpt2lab'}: {a}" for c, a in CASES])
-def test_bad_arguments_give_one_line_and_exit_2(place, capsys, command, args):
+def test_bad_arguments_give_one_line_and_exit_2(place, capsys, monkeypatch, command, args):
+    monkeypatch.chdir(place["root"])  # whatever a command writes by default lands where the test looks
     argv = command.split() + [a.format(**place) for a in args.split()]
     capsys.readouterr()
     try:

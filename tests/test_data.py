@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -1181,3 +1182,27 @@ def test_the_demo_replaces_its_own_data_folder_when_its_input_changes(tmp_path, 
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(GPT2LabError, match="did not write"):  # forcing never reaches the user's files
         prepare_own(str(folder), tmp_path / "mine", tokenizer="gpt2")
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_prepare_stopped_by_a_signal_says_so_in_one_line_and_leaves_nothing(tmp_path, signum, code):
+    corpus = big_corpus(tmp_path / "big")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "gpt2lab", "prepare", str(corpus), "--out", str(out), "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        seen = b""
+        while seen.count(b"\r") < 2:  # the progress bar's first advance: the work is under way
+            chunk = os.read(proc.stderr.fileno(), 4096)
+            if not chunk:
+                break
+            seen += chunk
+        proc.send_signal(signum)
+        rest = proc.stderr.read()
+    finally:
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == code, (seen + rest).decode(errors="replace")
+    last = rest.decode().strip().splitlines()[-1]
+    assert last in ("gpt2lab: terminated", "gpt2lab: interrupted") and b"Traceback" not in rest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big"]  # the temporary folder went too

@@ -209,7 +209,14 @@ def test_destination_rules(tmp_path):
     for inside in ("checkpoints/step-00000001", "anything", "data/x"):
         with pytest.raises(files.DestinationError, match="lies inside the training run"):
             check(run / inside, force=True)
-    check(run / "data")  # a run's own subfolder (fine-tuning's prepared data) is the run's to write
+    for own in ("data", "merged"):  # a run's own subfolders: only the command holding the run writes them
+        with pytest.raises(files.DestinationError, match="lies inside the training run"):
+            check(run / own)
+        with files.writing_inside(run):
+            check(run / own)
+    (tmp_path / "link").symlink_to(run / "checkpoints")  # through a symlink, the same folders
+    with pytest.raises(files.DestinationError, match="lies inside the training run"):
+        check(tmp_path / "link" / "step-00000001", force=True)
     (tmp_path / "ck").mkdir()
     (tmp_path / "ck" / "config.json").write_text("{}")
     (tmp_path / "ck" / "model.safetensors").write_text("")

@@ -52,7 +52,37 @@ def resolve_command(target: str) -> Callable[..., Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    # SIGTERM unwinds like Ctrl-C, so that what is half-written is removed on the way out;
+    # training installs its own handler (save, then stop) while it runs.
+    previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except _Terminated:
+        print("gpt2lab: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except KeyboardInterrupt:  # also while the command's modules are still being imported
+        print("gpt2lab: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the program is so that `finally` blocks and cleanups run."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser(_selected(argv))
     args = vars(parser.parse_args(argv))
     args.pop("_given", None)
@@ -83,9 +113,6 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {e.filename}" if e.filename else " (standard output)" if e.errno == errno.ENOSPC else ""
         print(f"gpt2lab: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("gpt2lab: interrupted", file=sys.stderr)
-        return 130
     return 0
 
 

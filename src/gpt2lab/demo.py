@@ -19,7 +19,7 @@ import torch
 
 from . import data as datasets
 from .checkpoint import load_model
-from .errors import ConfigError, FetchError
+from .errors import ConfigError, DataError, FetchError
 from .generate import Generator
 from .metrics import raise_if_stopped
 from .tokenizer import train_tokenizer
@@ -53,6 +53,9 @@ def demo(*, data: str | None = None, out: str = "runs/demo", vocab_size: int = D
     if vocab_size != 0 and not 257 <= vocab_size < 2**32:
         raise ConfigError(f"--vocab-size must be 0 (GPT-2's vocabulary) or at least 257 (the bytes and "
                           f"<|endoftext|>), got {vocab_size}")
+    if data is not None and data not in datasets.CATALOG and not data.startswith("hf:") \
+            and not Path(data).expanduser().exists():
+        raise DataError(f"--data {data} does not exist: give a folder of .txt files, a .jsonl file or a text file")
     torch.set_num_threads(threads)
     root = Path(out)
     source = data or "shakespeare"

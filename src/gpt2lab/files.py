@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -212,10 +213,18 @@ def atomic_dir(path: str | Path, *, needed: int | None = None) -> Iterator[Path]
             raise DestinationError(f"{path} changed while gpt2lab was writing it (another process, or by hand); "
                                    "it was left as it is and nothing was written: check it, then run again")
         old = None
-        if path.exists() or path.is_symlink():
+        if before is None:  # a new destination: never replace what appeared meanwhile
+            try:
+                os.rename(tmp, path)  # fails on a non-empty folder that another process just renamed in
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                    raise
+                raise DestinationError(f"{path} appeared while gpt2lab was writing it (another process?); it was "
+                                       "left as it is and nothing was written: check it, then run again") from None
+        else:
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             path.rename(old)
-        tmp.rename(path)
+            tmp.rename(path)
         _fsync_dir(path.parent)
         if old is not None:
             _remove(old)
@@ -360,15 +369,32 @@ def _gpt2lab_kind(folder: Path) -> str | None:
     return None
 
 
+_OWN_RUN: ContextVar[Path | None] = ContextVar("gpt2lab_own_run", default=None)
+
+
+@contextlib.contextmanager
+def writing_inside(run: Path) -> Iterator[None]:
+    """Let the command that holds `run` write the run's own subfolders (RUN_SUBFOLDERS) meanwhile."""
+    token = _OWN_RUN.set(Path(os.path.realpath(run)))
+    try:
+        yield
+    finally:
+        _OWN_RUN.reset(token)
+
+
 def enclosing_folder(path: str | Path) -> tuple[Path, str] | None:
     """The gpt2lab folder (run, checkpoint, data) that `path` lies inside, and its kind; None if
-    none. A run's own subfolders (RUN_SUBFOLDERS) are the run's to write, so they do not count."""
-    path = absolute(path)
-    for parent in path.parents:
-        if (kind := _gpt2lab_kind(parent)) is not None:
-            if kind == "training run" and path.parent == parent and path.name in RUN_SUBFOLDERS:
-                return None
-            return parent, kind
+    none. Both the path as given and with symlinks resolved are checked. Only the command holding a
+    run (writing_inside) may write that run's own subfolders (RUN_SUBFOLDERS)."""
+    given, real = absolute(path), Path(os.path.realpath(absolute(path)))
+    for path in (given, real):
+        for parent in path.parents:
+            if (kind := _gpt2lab_kind(parent)) is not None:
+                own = _OWN_RUN.get()
+                if (kind == "training run" and path.parent == parent and path.name in RUN_SUBFOLDERS
+                        and own is not None and own == Path(os.path.realpath(parent))):
+                    break
+                return parent, kind
     return None
 
 

@@ -450,8 +450,9 @@ def finetune(model: str, *, data: str, out: str, config: FinetuneConfig = COMMAN
             batches = _example_data(data, val_data, tokenizer, cfg=cfg, micro=micro, block=block, template=prompt,
                                     too_long=too_long, val_fraction=val_fraction)
         else:
-            batches = _text_data(data, val_data, run_dir, tokenizer, cfg=cfg, micro=micro, block=block, field=field,
-                                 val_fraction=val_fraction)
+            with files.writing_inside(run.path):  # OUT/data is the run's own, and only this command's
+                batches = _text_data(data, val_data, run_dir, tokenizer, cfg=cfg, micro=micro, block=block,
+                                     field=field, val_fraction=val_fraction)
         if cfg.patience and batches.val is None:
             cfg = dataclasses.replace(cfg, patience=0)
 
