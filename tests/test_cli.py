@@ -174,3 +174,55 @@ def test_repeated_prompts_are_all_generated(place, capsys):
 
     rows = [json.loads(line) for line in out.splitlines() if line.strip()]
     assert [r["prompt_index"] for r in rows] == [0, 1], out  # one per --prompt, none dropped
+
+
+# The command-line surface users and scripts rely on: (positional arguments, --flags). Renaming a
+# Python parameter must not silently rename or drop a flag; new flags may be added freely.
+SURFACE = {
+    "convert": (["src", "dst"], "force to"),
+    "info": (["path"], ""),
+    "generate": (["model"], "add-bos compile device greedy interactive json max-new-tokens mode num-samples prompt "
+                 "prompt-file repetition-penalty seed slide-window stop stop-at-eot stream temperature template "
+                 "top-k top-logprobs top-p truncate-prompt"),
+    "prepare": (["source"], "decode-errors field force out progress shard-tokens tokenizer val-fraction workers"),
+    "train": ([], "batch-size beta1 beta2 block-size ckpt-interval compile data decay-steps device dropout eps "
+              "eval-batches eval-interval fsdp grad-clip gradient-checkpointing keep-best keep-last log-interval lr "
+              "max-minutes max-steps micro-batch min-lr model out patience peak-tflops precision resume seed "
+              "tensorboard warmup-steps weight-decay"),
+    "demo": ([], "batch-size block-size data device eval-batches eval-interval lr max-minutes max-steps model out "
+             "seed threads vocab-size warmup-steps"),
+    "tokenizer encode": ([], "allow-special input json-lists tokenizer"),
+    "tokenizer decode": ([], "force input output tokenizer"),
+    "tokenizer count": ([], "input tokenizer"),
+    "tokenizer train": ([], "force input min-frequency out vocab-size"),
+    "eval": (["model"], "batch-size data device limit out per-example stride task tokenizer"),
+    "finetune": (["model"], "batch-size block-size data data-format device eval-batches eval-interval field "
+                 "gradient-checkpointing keep-best keep-last lora-alpha lora-dropout lora-rank lora-targets lr "
+                 "max-minutes max-steps merge method out patience resume seed template too-long val-data "
+                 "val-fraction warmup-steps"),
+    "lora merge": (["adapter"], "force hf out"),
+}
+
+
+def test_the_command_line_surface_keeps_every_documented_argument():
+    import argparse
+
+    from gpt2lab.cli import build_parser
+
+    def commands(parser, prefix=""):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from commands(sub, f"{prefix} {name}".strip())
+        if prefix in COMMANDS:
+            flags = {s.removeprefix("--") for a in parser._actions for s in a.option_strings if s.startswith("--")}
+            positional = [a.dest for a in parser._actions
+                          if not a.option_strings and not isinstance(a, argparse._SubParsersAction)]
+            yield prefix, positional, flags
+
+    seen = {name: (positional, flags) for name, positional, flags in commands(build_parser())}
+    assert seen.keys() == SURFACE.keys()
+    for name, (positional, flags) in SURFACE.items():
+        assert seen[name][0] == positional, name
+        missing = set(flags.split()) - seen[name][1]
+        assert not missing, f"gpt2lab {name} lost --{', --'.join(sorted(missing))}"
