@@ -322,7 +322,7 @@ def _plan(source: str, tokenizer: str | Tokenizer, field: str, val_fraction: flo
           decode_errors: DecodeErrors) -> tuple[_Source, Tokenizer, dict[str, Any], str]:
     """The opened source, the tokenizer, the options, and the fingerprint of all three."""
     src = _open_source(source, field, decode_errors)
-    tok = _load_tokenizer_spec(tokenizer)
+    tok = Tokenizer.from_spec(tokenizer)
     options = {"field": field, "val_fraction": val_fraction, "shard_tokens": shard_tokens,
                "decode_errors": decode_errors}
     return src, tok, options, _sha256_json([FORMAT_VERSION, src.fingerprint, tok.sha256, options])
@@ -331,12 +331,6 @@ def _plan(source: str, tokenizer: str | Tokenizer, field: str, val_fraction: flo
 def _default_out(source: str) -> Path:
     name = source.removeprefix("hf:").split("@")[0].replace(":", "-").rstrip("/").split("/")[-1]
     return Path("data") / (Path(name).stem or "corpus")
-
-
-def _load_tokenizer_spec(spec: str | Tokenizer) -> Tokenizer:
-    if not isinstance(spec, str):
-        return spec  # a Tokenizer, or anything with its interface
-    return Tokenizer.gpt2() if spec == "gpt2" else Tokenizer.from_dir(spec)
 
 
 def up_to_date(source: str, out: str | Path, *, tokenizer: str | Tokenizer = "gpt2", field: str = "text",

@@ -132,6 +132,13 @@ class Tokenizer:
         return cls(read_bpe_files(encoder_json, vocab_bpe))
 
     @classmethod
+    def from_spec(cls, spec: str | Path | Tokenizer | None) -> Tokenizer:
+        """The one reading of --tokenizer: None or "gpt2" is GPT-2's, anything else a folder (from_dir)."""
+        if spec is None or spec == "gpt2":
+            return cls.gpt2()
+        return cls.from_dir(spec) if isinstance(spec, str | Path) else spec  # a Tokenizer, or its like
+
+    @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
         """Load a folder holding our record (tokenizer.json, from `save`), encoder.json + vocab.bpe,
         or a Hugging Face tokenizer (vocab.json + merges.txt, or its tokenizer.json alone).

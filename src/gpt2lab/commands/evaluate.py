@@ -44,8 +44,7 @@ def evaluate(model: str, *, task: Task, data: str, stride: int | None = None, ba
     _check_options(task, stride, batch_size, limit)
     torch_device = resolve_device(device)
     path = _data_file(task, data)
-    tok = load_tokenizer(model) if tokenizer is None else (
-        Tokenizer.gpt2() if tokenizer == "gpt2" else Tokenizer.from_dir(tokenizer))
+    tok = load_tokenizer(model) if tokenizer is None else Tokenizer.from_spec(tokenizer)
     gpt = load_model(model, device=torch_device, tokenizer=tok)
     results = evaluate_model(gpt, tok, task=task, data=path, stride=stride, batch_size=batch_size, limit=limit,
                              progress=True)

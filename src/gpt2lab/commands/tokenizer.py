@@ -181,7 +181,7 @@ def _utf8(data: bytes, name: str) -> str:
 
 
 def _pick(tokenizer: str | None) -> Tokenizer:
-    return Tokenizer.gpt2() if tokenizer is None else Tokenizer.from_dir(tokenizer)
+    return Tokenizer.from_spec(tokenizer)
 
 
 _NOT_REGULAR = {stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFCHR: "a character device",
