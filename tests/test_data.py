@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -307,18 +308,25 @@ def test_a_folder_a_killed_prepare_moved_aside_is_put_back_before_out_is_judged(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "out"]
 
 
+def prepare_under_way(corpus: Path, out: Path) -> tuple[subprocess.Popen, bytes]:
+    """A real `gpt2lab prepare` subprocess, returned once its progress bar first advances (no sleeps),
+    with the stderr it printed so far."""
+    cmd = [sys.executable, "-m", "gpt2lab", "prepare", str(corpus), "--out", str(out), "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen = b""
+    while seen.count(b"\r") < 2:
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        if not chunk:
+            break
+        seen += chunk
+    return proc, seen
+
+
 def test_sigkill_of_a_real_prepare_leaves_nothing_complete_looking_and_the_rerun_cleans_up(tmp_path, capsys):
     corpus = big_corpus(tmp_path / "big")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "gpt2lab", "prepare", str(corpus), "--out", str(out), "--workers", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc, seen = prepare_under_way(corpus, out)  # some shards are written, most are not
     try:
-        seen = b""
-        while seen.count(b"\r") < 2:  # the progress bar's first advance: some shards are written, most are not
-            chunk = os.read(proc.stderr.fileno(), 4096)
-            if not chunk:
-                break
-            seen += chunk
         proc.kill()
     finally:
         proc.wait()
@@ -1188,15 +1196,8 @@ def test_the_demo_replaces_its_own_data_folder_when_its_input_changes(tmp_path, 
 def test_a_prepare_stopped_by_a_signal_says_so_in_one_line_and_leaves_nothing(tmp_path, signum, code):
     corpus = big_corpus(tmp_path / "big")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "gpt2lab", "prepare", str(corpus), "--out", str(out), "--workers", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc, seen = prepare_under_way(corpus, out)
     try:
-        seen = b""
-        while seen.count(b"\r") < 2:  # the progress bar's first advance: the work is under way
-            chunk = os.read(proc.stderr.fileno(), 4096)
-            if not chunk:
-                break
-            seen += chunk
         proc.send_signal(signum)
         rest = proc.stderr.read()
     finally:

@@ -293,3 +293,27 @@ def test_disk_full_is_one_error_naming_the_path_and_leaves_nothing(small_disk):
     with pytest.raises(files.DiskFullError, match=r"needs about 1\.0 MiB"):  # known sizes fail before writing
         with files.atomic_dir(small_disk / "other", needed=2**20):
             raise AssertionError("never reached")
+
+
+def test_an_output_file_never_replaces_a_link_a_special_file_or_anything_inside_a_run(tmp_path):
+    def out(path, **kw):
+        return files.check_file_destination(path, flag="--out", replaceable=lambda p: p.read_text() == "ours",
+                                            owner="gpt2lab eval", **kw)
+
+    (tmp_path / "ours.json").write_text("ours")
+    (tmp_path / "theirs.json").write_text("theirs")
+    assert out(tmp_path / "ours.json") == tmp_path / "ours.json"  # its own output: replaced
+    assert out(tmp_path / "new.json") == tmp_path / "new.json"
+    (tmp_path / "link.json").symlink_to(tmp_path / "ours.json")
+    os.mkfifo(tmp_path / "fifo")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / files.LOCK_FILE).touch()
+    for path, why in [("theirs.json", "did not write"), ("link.json", "symbolic link"), ("fifo", "named pipe"),
+                      ("run/results.json", "inside the training run"), ("run", "is a folder"),
+                      ("theirs.json/x.json", "is a file, not a folder")]:
+        with pytest.raises(files.DestinationError, match=why):
+            out(tmp_path / path)
+    with pytest.raises(files.DestinationError, match="is the input"):
+        out(tmp_path / "ours.json", sources=[tmp_path / "link.json"])
+    assert (tmp_path / "theirs.json").read_text() == "theirs"

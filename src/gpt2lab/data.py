@@ -295,7 +295,7 @@ def _is_prepared(out: Path, fingerprint: str) -> bool:
                for info in manifest["splits"].values() for s in info["shards"])
 
 
-def _local_source(source: str) -> Path | None:
+def local_source(source: str) -> Path | None:
     """The file or folder a source names on this machine (None for catalog and hf: sources)."""
     if source in CATALOG or source.startswith("hf:"):
         return None
@@ -307,7 +307,7 @@ def _local_source(source: str) -> Path | None:
 def _check_out(source: str, out: Path) -> None:
     """Refuse, before any work, an `out` that prepare may never write: a file, a training run, a
     folder of the user's files, the source or a folder holding it, or a folder inside the source."""
-    local = _local_source(source)
+    local = local_source(source)
     # Replacing a data folder of ours is decided by the caller, once the input's fingerprint is known.
     files.check_destination(out, what="data folder", ours=is_data_folder, force=True,
                             sources=[local] if local is not None else [])

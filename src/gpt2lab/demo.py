@@ -53,8 +53,7 @@ def demo(*, data: str | None = None, out: str = "runs/demo", vocab_size: int = D
     if vocab_size != 0 and not 257 <= vocab_size < 2**32:
         raise ConfigError(f"--vocab-size must be 0 (GPT-2's vocabulary) or at least 257 (the bytes and "
                           f"<|endoftext|>), got {vocab_size}")
-    if data is not None and data not in datasets.CATALOG and not data.startswith("hf:") \
-            and not Path(data).expanduser().exists():
+    if data is not None and (local := datasets.local_source(data)) is not None and not local.exists():
         raise DataError(f"--data {data} does not exist: give a folder of .txt files, a .jsonl file or a text file")
     torch.set_num_threads(threads)
     root = Path(out)

@@ -20,9 +20,10 @@ import json
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
@@ -435,6 +436,75 @@ def check_destination(dst: str | Path, *, what: str, ours: Callable[[Path], bool
     if not force:
         raise DestinationError(f"{dst} already holds a {what}; pass {flag} to replace it, or choose another folder")
     return dst
+
+
+_NOT_REGULAR = {stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFCHR: "a character device",
+                stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+
+
+def check_file_destination(path: str | Path, *, flag: str, error: type[GPT2LabError] = DestinationError,
+                           force: bool = False, replaceable: Callable[[Path], bool] | None = None,
+                           owner: str = "gpt2lab", what: str = "a file to write", sources: Iterable[str | Path] = (),
+                           keep: Mapping[str, str | Path] | None = None) -> Path:
+    """check_destination for one output file, written by atomic_write (a rename over `path`).
+
+    Refused always: a folder; a path under a file or in a folder that cannot be written; a path
+    inside a gpt2lab run, checkpoint or data folder; a link, FIFO, device or socket (the rename
+    would replace the node itself, not write to what it stands for); a source, a file inside a
+    source folder or a `keep` folder (description -> folder), or the file standard input reads.
+    An existing regular file is replaced when `replaceable` recognises it as `owner`'s output, or
+    (without `replaceable`) with `force`.
+    """
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        raise error(f"{flag} {path} is a folder; give the path of {what}, e.g. {path / 'out.json'}")
+    folder = next(p for p in absolute(path).parents if p.exists())  # where missing folders would be made
+    if not folder.is_dir():
+        raise error(f"{flag} {path}: {folder} is a file, not a folder; choose a path inside a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise error(f"{flag} {path}: {folder} is not writable; choose a folder you can write to")
+    if (inside := enclosing_folder(path)) is not None:
+        raise error(f"{flag} {path} lies inside the {inside[1]} {inside[0]}; writing there would change it: "
+                    "choose a path outside it")
+    sources = list(sources)
+    for what, folder in [*(("the input folder", s) for s in sources), *(keep or {}).items()]:
+        if Path(folder).is_dir() and absolute(path).is_relative_to(absolute(folder)):
+            raise error(f"{flag} {path} is inside {what} {folder}; writing there could destroy it: "
+                        "choose another path")
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return path
+    if stat.S_ISLNK(st.st_mode):
+        raise error(f"{flag} {path} is a symbolic link (to {os.readlink(path)}); gpt2lab never replaces "
+                    "a link: give the path of a regular file, or a new one")
+    if not stat.S_ISREG(st.st_mode):
+        kind = _NOT_REGULAR.get(stat.S_IFMT(st.st_mode), "not a regular file")
+        raise error(f"{flag} {path} is {kind}; gpt2lab writes its output by renaming a new file over "
+                    "the path, which would replace it: give the path of a regular file, or a new one")
+    same = (st.st_dev, st.st_ino)  # the same inode, not the same name: a link or another spelling
+    for src in sources:
+        if _inode(src) == same:
+            raise error(f"{flag} {path} is the input {src}; writing there would destroy it: choose another path")
+    if _inode(sys.stdin) == same:
+        raise error(f"{flag} {path} is the file standard input reads; writing there would destroy it: "
+                    "choose another path")
+    if replaceable is not None:
+        if not replaceable(path):
+            raise error(f"{flag} {path} is a file that {owner} did not write; gpt2lab never replaces it: "
+                        "choose another path")
+    elif not force:
+        raise error(f"{flag} {path} already exists; pass --force to replace it, or choose another path")
+    return path
+
+
+def _inode(file: str | Path | Any) -> tuple[int, int] | None:
+    """(device, inode) of a path (links followed) or an open stream; None where there is none."""
+    try:
+        st = os.stat(file) if isinstance(file, str | os.PathLike) else os.fstat(file.fileno())
+    except (AttributeError, OSError, ValueError):  # missing; stdin None, a StringIO, or closed
+        return None
+    return st.st_dev, st.st_ino
 
 
 def only_names(folder: Path, allowed: Iterable[str]) -> bool:

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from . import distributed, files
+from . import distributed, files, lora
+from .checkpoint import WEIGHTS
 from .errors import TrainingError
 
 STATE_FILE = "train_state.pt"
@@ -44,7 +45,7 @@ _STEP = re.compile(r"^step-(\d{8})$")
 # Config fields that a resumed run must share with the run it continues: they change what is computed.
 RESUME_FIXED = ("model", "batch_size", "block_size", "seed", "dropout")
 # A checkpoint's model files: a full model, or a LoRA adapter (lora.py's names).
-_WEIGHTS = ("model.safetensors", "adapter.safetensors")
+_WEIGHTS = (WEIGHTS, lora.ADAPTER_WEIGHTS)
 
 
 def _warn(message: str) -> None:
@@ -53,7 +54,8 @@ def _warn(message: str) -> None:
 
 # What a run folder holds: gpt2lab's names only (see RunDir._check_path).
 _RUN_NAMES = re.compile(r"^(checkpoints|metrics(-\d{8}-\d{6})?\.jsonl|provenance\.jsonl|loss\.png|best\.json|"
-                        r"tensorboard|data|data-val|merged|\.gpt2lab\.lock|\..+\.(tmp|old)-\d+.*)$")
+                        r"tensorboard|" + "|".join(map(re.escape, files.RUN_SUBFOLDERS)) + r"|"
+                        + re.escape(files.LOCK_FILE) + r"|\..+\.(tmp|old)-\d+.*)$")
 
 
 def _run_name(name: str) -> bool:
@@ -147,7 +149,7 @@ class RunDir:
     def complete(folder: Path) -> bool:
         """Whether a step folder holds a whole checkpoint: training state, config and weights."""
         return ((folder / STATE_FILE).is_file() and any((folder / w).is_file() for w in _WEIGHTS)
-                and ((folder / "config.json").is_file() or (folder / "adapter.json").is_file()))
+                and ((folder / "config.json").is_file() or (folder / lora.ADAPTER_CONFIG).is_file()))
 
     def steps(self) -> list[Path]:
         """The complete checkpoint folders, oldest first."""

@@ -4,14 +4,13 @@ prints a one-line summary; the scoring is gpt2lab.evaluate's."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from ..checkpoint import load_model, load_tokenizer
 from ..device import resolve_device
 from ..evaluate import Task, _check_options, _data_file, evaluate_model
-from ..files import DestinationError, clean_leftovers, write_json
+from ..files import check_file_destination, clean_leftovers, write_json
 from ..tokenizer import Tokenizer
 
 
@@ -40,7 +39,8 @@ def evaluate(model: str, *, task: Task, data: str, stride: int | None = None, ba
     device: auto (a GPU when there is one, else the CPU), cpu, cuda, cuda:N or mps
     """
     # Everything that can be checked without the model is checked before it is loaded.
-    out = None if out is None else _check_out(Path(out))
+    out = None if out is None else check_file_destination(out, flag="--out", replaceable=_is_results,
+                                                              owner="gpt2lab eval", what="the results file")
     _check_options(task, stride, batch_size, limit)
     torch_device = resolve_device(device)
     path = _data_file(task, data)
@@ -57,22 +57,6 @@ def evaluate(model: str, *, task: Task, data: str, stride: int | None = None, ba
         write_json(out, results)
         line += f"; results in {out}"
     return line
-
-
-def _check_out(out: Path) -> Path:
-    """Refuse, before any work, an --out that the results cannot or must not replace."""
-    if out.is_dir():
-        raise DestinationError(f"--out {out} is a folder; give the path of the results file, "
-                               f"e.g. {out / 'results.json'}")
-    folder = next(p for p in out.parents if p.exists())  # where the missing folders would be made
-    if not folder.is_dir():
-        raise DestinationError(f"--out {out}: {folder} is a file, not a folder; choose a path inside a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise DestinationError(f"--out {out}: {folder} is not writable; choose a folder you can write to")
-    if (out.exists() or out.is_symlink()) and not _is_results(out):
-        raise DestinationError(f"--out {out} is a file that gpt2lab eval did not write; gpt2lab never replaces "
-                               "it: choose another path")
-    return out
 
 
 def _is_results(path: Path) -> bool:

@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import stat
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -14,8 +12,8 @@ from typing import Any
 
 from .. import tokenizer as library
 from ..errors import TokenizerError
-from ..files import atomic_write
-from ..tokenizer import Tokenizer, _check_parent
+from ..files import atomic_write, check_file_destination
+from ..tokenizer import Tokenizer
 
 
 def encode_files(input: list[str] | None = None, *, tokenizer: str | None = None, allow_special: bool = False,
@@ -47,7 +45,9 @@ def decode_ids(input: list[str] | None = None, *, tokenizer: str | None = None, 
     force: replace an existing --output file (never an input, a link, a FIFO or a device)
     """
     def check_output(path: Path) -> None:
-        _check_output_file(path, "--output", force=force, sources=input or (), keep=tokenizer)
+        check_file_destination(path, flag="--output", error=TokenizerError, force=force,
+                               sources=input or (),
+                               keep={"the tokenizer folder": tokenizer} if tokenizer else None)
 
     if output is not None:
         check_output(Path(output))
@@ -182,57 +182,3 @@ def _utf8(data: bytes, name: str) -> str:
 
 def _pick(tokenizer: str | None) -> Tokenizer:
     return Tokenizer.from_spec(tokenizer)
-
-
-_NOT_REGULAR = {stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFCHR: "a character device",
-                stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
-
-
-def _check_output_file(path: Path, flag: str, *, force: bool, sources: Sequence[str] = (),
-                       keep: str | None = None) -> None:
-    """Refuse an output file whose writing would lose something (docs/guide/files.md).
-
-    The file is written under a temporary name and renamed over `path`, which would replace
-    whatever is there, so: a missing path is fine; a link, FIFO, device or socket is refused (the
-    rename would replace the link or the device node itself, not write to what it stands for); one
-    of the `sources`, or the file standard input reads, is refused even with `force`, and so is a
-    file inside the folder `keep` (the tokenizer being read); any other regular file only with `force`.
-    """
-    try:
-        st = os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):  # NotADirectoryError: a file above it
-        _check_parent(path, flag)
-        return
-    if stat.S_ISDIR(st.st_mode):
-        raise TokenizerError(f"{flag} {path} is a folder; give the path of a file to write, e.g. {path / 'out.txt'}")
-    if stat.S_ISLNK(st.st_mode):
-        raise TokenizerError(f"{flag} {path} is a symbolic link (to {os.readlink(path)}); gpt2lab never replaces "
-                             "a link: give the path of a regular file, or a new one")
-    if not stat.S_ISREG(st.st_mode):
-        kind = _NOT_REGULAR.get(stat.S_IFMT(st.st_mode), "not a regular file")
-        raise TokenizerError(f"{flag} {path} is {kind}; gpt2lab writes its output by renaming a new file over "
-                             "the path, which would replace it: give the path of a regular file, or a new one "
-                             "(or leave out --output to print the text)")
-    # The same inode, not the same name: a link or another spelling of the path is the same file.
-    same = (st.st_dev, st.st_ino)
-    for src in sources:
-        if _identity(src) == same:
-            raise TokenizerError(f"{flag} {path} is the input {src}; writing there would destroy it: "
-                                 "choose another path")
-    if _identity(sys.stdin) == same:
-        raise TokenizerError(f"{flag} {path} is the file standard input reads; writing there would destroy it: "
-                             "choose another path")
-    if keep is not None and Path(keep).is_dir() and path.resolve().is_relative_to(Path(keep).resolve()):
-        raise TokenizerError(f"{flag} {path} is inside the tokenizer folder {keep}; writing there could destroy "
-                             "the tokenizer: choose another path")
-    if not force:
-        raise TokenizerError(f"{flag} {path} already exists; pass --force to replace it, or choose another path")
-
-
-def _identity(file: str | Any) -> tuple[int, int] | None:
-    """(device, inode) of a path (links followed) or an open stream; None where there is none."""
-    try:
-        st = os.stat(file) if isinstance(file, str | os.PathLike) else os.fstat(file.fileno())
-    except (AttributeError, OSError, ValueError):  # missing; stdin None, a StringIO, or closed
-        return None
-    return st.st_dev, st.st_ino
