@@ -26,7 +26,7 @@ from gpt2lab.finetune import (
     read_examples,
     tokenize_examples,
 )
-from gpt2lab.lora import ADAPTER_CONFIG, LoRALinear
+from gpt2lab.lora import ADAPTER_CONFIG, LoRAConfig, LoRALinear
 from gpt2lab.model import GPT
 from gpt2lab.template import PromptTemplate
 from gpt2lab.tokenizer import EOT, Tokenizer, Vocabulary
@@ -160,9 +160,11 @@ def test_finetune_config_defaults_per_method():
     assert full.keep_best and full.patience == 4 and full.batch_size == 8 and full.weight_decay == 0.0
     assert FinetuneConfig.for_method("lora", lr=3e-3).lr == 3e-3
     assert FinetuneConfig(method="lora").lr is None and FinetuneConfig(method="lora").peak_lr == 1e-3
-    for bad in (dict(lr=0.0), dict(min_lr=2e-4), dict(method="prefix"), dict(lora_rank=0)):
+    for bad in (dict(lr=0.0), dict(min_lr=2e-4), dict(method="prefix"), dict(lora={"rank": 4})):
         with pytest.raises(ConfigError):
             FinetuneConfig.for_method(**bad)
+    with pytest.raises(ConfigError, match="rank"):
+        FinetuneConfig.for_method("lora", lora=LoRAConfig(rank=0))
 
 
 def test_padded_batch_masks_everything_but_completion_and_eot():
@@ -215,7 +217,7 @@ def test_example_batches_are_a_function_of_seed_step_and_index():
 
 def test_lora_run_trains_only_the_adapter_and_merges_to_the_same_logits(base, pairs, tmp_path):
     out = tmp_path / "run"
-    report = run(base, pairs, out, config=config(method="lora", lora_rank=2, lora_targets=("c_attn", "c_fc")))
+    report = run(base, pairs, out, config=config(method="lora", lora=LoRAConfig(rank=2, targets=("c_attn", "c_fc"))))
     assert "lora fine-tuning" in report and "38 training and 2 validation examples" in report
     ckpt = latest_checkpoint(out)
     assert (ckpt / ADAPTER_CONFIG).is_file() and not (ckpt / "model.safetensors").exists()
@@ -248,7 +250,7 @@ def test_lora_run_trains_only_the_adapter_and_merges_to_the_same_logits(base, pa
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_resume_is_bit_identical(base, pairs, tmp_path, method):
-    kw = dict(method=method, dropout=0.1, lora_dropout=0.1, max_steps=6)
+    kw = dict(method=method, dropout=0.1, lora=LoRAConfig(dropout=0.1), max_steps=6)
     run(base, pairs, tmp_path / "straight", config=config(**kw))
     run(base, pairs, tmp_path / "stopped", config=config(**(kw | dict(max_steps=3))))
     run(base, pairs, tmp_path / "stopped", config=config(**kw), resume=True)

@@ -51,6 +51,7 @@ from .checkpoint import (
 from .config import TrainConfig
 from .device import resolve_device
 from .errors import ConfigError, DataError, TrainingError
+from .lora import LoRAConfig
 from .metrics import raise_if_stopped, summary
 from .model import GPT, CausalSelfAttention
 from .rundir import METRICS, open_run
@@ -84,26 +85,20 @@ class FinetuneConfig(TrainConfig):
     constructor alone keeps TrainConfig's, which are pretraining's.
     """
 
-    model: str = field(default="", metadata={"cli": False})
+    model: str = ""
     """The starting checkpoint (set from MODEL; a resumed run must start from the same one)."""
     lr: float | None = None  # None: the method's rate, decided when the run starts (peak_lr)
     """Peak learning rate (default: 1e-4 for full fine-tuning, 1e-3 for LoRA)."""
     method: Literal["full", "lora"] = "full"
     """full: train every weight; lora: freeze the model and train low-rank adapters (a small file)."""
-    lora_rank: int = 8
-    """LoRA rank r."""
-    lora_alpha: float = 16.0
-    """LoRA scale numerator: updates are scaled by alpha / rank."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA adapters' input (it keeps a dropped copy of each adapted layer's input: memory)."""
-    lora_targets: tuple[str, ...] = ("c_attn", "c_proj", "c_fc")
-    """Layers LoRA adapts: c_attn, c_fc, c_proj (attention's and the MLP's), attn.c_proj, mlp.c_proj."""
+    lora: LoRAConfig = LoRAConfig()
+    """LoRA's shape, for --method lora."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         if self.method not in ("full", "lora"):
             raise ConfigError(f"method must be full or lora, got {self.method!r}")
-        self.lora()  # validates the LoRA fields
+        if not isinstance(self.lora, LoRAConfig):
+            raise ConfigError(f"lora must be a LoRAConfig, got {type(self.lora).__name__}")
         if self.lr is None:
             dataclasses.replace(self, lr=self.peak_lr)  # TrainConfig's checks, with the rate the run will use
         else:
@@ -119,10 +114,6 @@ class FinetuneConfig(TrainConfig):
     def peak_lr(self) -> float:
         """The learning rate warmup reaches: lr, or when that is None the method's (LEARNING_RATES)."""
         return LEARNING_RATES[self.method] if self.lr is None else self.lr
-
-    def lora(self) -> lora.LoRAConfig:
-        return lora.LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
-                               targets=self.lora_targets)
 
 
 # What `gpt2lab finetune` starts from (its --option defaults): fine-tuning's, with lr left to --method.
@@ -292,7 +283,7 @@ def load_for_finetuning(path: str | Path, cfg: FinetuneConfig, tokenizer: Tokeni
     set_dropout(model, cfg.dropout)
     if cfg.method == "lora":
         torch.manual_seed(cfg.seed)  # A's random init: the same run from the same seed
-        lora.apply_lora(model, cfg.lora())
+        lora.apply_lora(model, cfg.lora)
     else:
         # Loaded weights may be views of the file (transposed, for HF folders); training writes to
         # them in place, so give every parameter its own contiguous memory.
@@ -410,17 +401,9 @@ def finetune(model: str, *, data: str, out: str, config: FinetuneConfig = COMMAN
              merge: bool = False) -> str:
     """Fine-tune a GPT-2 checkpoint on your data, fully or with LoRA (the loop of `gpt2lab train`).
 
-    model: the starting point: a gpt2lab checkpoint, a training run (its newest checkpoint), or an HF GPT-2 folder
-    data: text (a file, folder, catalog corpus like kjv, or prepared folder), or JSONL of prompt/completion rows
-    out: the run folder: checkpoints/ (full models, or LoRA adapters), best.json, metrics.jsonl, loss.png
-    resume: continue the run in --out from its newest checkpoint
-    data_format: auto: prompt-completion for .jsonl files whose rows have those fields, else text
-    template: how a prompt is shown to the model ({prompt} is replaced); saved in every checkpoint
-    val_data: validation data in the same form as --data (default: hold out --val-fraction of it)
-    val_fraction: share of --data held out for validation (whole documents, or examples)
-    too_long: examples longer than block_size + 1 tokens: skip them (counted), truncate them, or error
-    field: the text field of JSONL rows, for text data
-    merge: with --method lora, also write the best (else last) adapter merged into a plain checkpoint at OUT/merged
+    Returns the run's report (the held-out loss before and after, where the checkpoints are); a run
+    stopped by a signal raises Stopped with it. The arguments are `gpt2lab finetune`'s options, with
+    `config` holding the training ones: see `gpt2lab finetune --help` for each.
     """
     cfg = config
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -458,14 +441,14 @@ def finetune(model: str, *, data: str, out: str, config: FinetuneConfig = COMMAN
 
         record = {
             "format": "gpt2lab-finetune", "version": 1, "method": cfg.method, "base": base,
-            "lora": cfg.lora().to_dict() if cfg.method == "lora" else None,
+            "lora": cfg.lora.to_dict() if cfg.method == "lora" else None,
             "data": {"source": data, "format": fmt, "val_source": val_data or None},
             "prompt_template": prompt.text if prompt is not None else None,
         }
         if resume:
             _check_same_run(run.resume_from, record)
         if cfg.method == "lora":
-            strategy = _lora_strategy(cfg.lora(), base, record)
+            strategy = _lora_strategy(cfg.lora, base, record)
         else:
             strategy = Strategy(save=write_model_files, extra_files=_record_files(record))
         result = fit(weights, cfg, batches.train, val=batches.val, run_dir=run, tokenizer=tokenizer,
