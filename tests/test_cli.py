@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from gpt2lab import save_checkpoint
-from gpt2lab.cli import COMMANDS, main
+from gpt2lab.cli import COMMANDS, UsageError, main, parse
 from gpt2lab.config import GPTConfig
 from gpt2lab.data import prepare
 from gpt2lab.model import GPT
@@ -91,12 +92,17 @@ BAD = {
         "{ckpt} --data {file} --out {file}", "{ckpt} --data {file} --out {root}/f1 --lr -1",
         "{ckpt} --data {missing} --out {root}/f1", "{ckpt} --data {file} --out {user}",
         "{ckpt} --data {file} --out {root}/f1 --device banana", "{ckpt} --data {file} --out {data}/ft",
-        "{ckpt} --data {file} --out {root}/f1 --method lora --lora-rank 999999999999999999",
-        "{ckpt} --data {file} --out {root}/f1 --method lora --lora-alpha inf",
+        "{ckpt} --data {file} --out {root}/f1 --method lora --lora.rank 999999999999999999",
+        "{ckpt} --data {file} --out {root}/f1 --method lora --lora.alpha inf",
+        "{ckpt} --data {file} --out {root}/f1 --lora.targets banana",
+        "{ckpt} --data {file} --out {root}/f1 --lora.rank",
+        "{ckpt} --data {file} --out {root}/f1 --config {missing}",
+        "{ckpt} --data {file} --out {root}/f1 --config {file}",
         "{ckpt} --data {file} --out {root}/f1 --seed 18446744073709551616",
     ],
     "lora merge": ["{ckpt} --out {root}/m1", "{missing} --out {root}/m1", "{empty} --out {root}/m1"],
-    "": ["", "banana", "train --banana", "--version-banana"],
+    "": ["", "banana", "train --banana", "--version-banana", "tokenizer", "lora", "--config {file}",
+         "tokenizer banana"],
 }
 
 
@@ -152,17 +158,38 @@ def test_the_real_command_prints_one_line(place, argv):
 
 
 def test_a_repeated_list_option_keeps_every_value_and_replaces_the_default():
-    from gpt2lab.cli import _grouped, build_parser
-
     def targets(*extra):
-        args = vars(build_parser(["finetune"]).parse_args(["finetune", "m", "--data", "d", "--out", "o", *extra]))
-        args.pop("_given", None), args.pop("_func")
-        return tuple(_grouped(args)["config"].lora_targets)
+        return parse(["finetune", "m", "--data", "d", "--out", "o", *extra]).keywords["config"].lora.targets
 
     assert len(targets()) == 3  # the default
-    assert targets("--lora-targets", "c_fc") == ("c_fc",)
-    assert targets("--lora-targets", "c_fc", "--lora-targets", "c_attn") == ("c_fc", "c_attn")
-    assert targets("--lora-targets", "c_fc", "c_attn") == ("c_fc", "c_attn")
+    assert targets("--lora.targets", "c_fc") == ("c_fc",)
+    assert targets("--lora.targets", "c_fc", "--lora.targets", "c_attn") == ("c_fc", "c_attn")
+    assert targets("--lora.targets", "c_fc", "c_attn") == ("c_fc", "c_attn")
+    assert targets("--lora.targets=c_fc", "--lora.targets", "c_attn") == ("c_fc", "c_attn")
+    call = parse(["generate", "m", "--prompt", "a", "--stop", "x", "--prompt", "b", "c", "--stop=y"])
+    assert call.keywords["prompt"] == ["a", "b", "c"] and call.keywords["config"].stop == ("x", "y")
+
+
+def test_nested_options_and_a_config_file_with_the_command_line_winning(tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text("lr: 0.003\nmax_steps: 7\ncompile: true\nmethod: lora\nlora:\n  rank: 4\n  targets: [c_fc, c_attn]\n"
+                   "merge: true\n")
+    call = parse(["finetune", "m", "--data", "d", "--out", "o", "--config", str(run), "--max-steps", "9",
+                  "--no-merge", "--lora.alpha", "2"])
+    cfg = call.keywords["config"]
+    assert (cfg.lr, cfg.max_steps, cfg.compile, cfg.method) == (0.003, 9, True, "lora")
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets) == (4, 2.0, ("c_fc", "c_attn"))
+    assert call.keywords["merge"] is False and call.args == ("m",)
+    generation = tmp_path / "gen.yaml"
+    generation.write_text("temperature: 0\nprompt: [a, b]\nstop: ['\\n']\njson: true\n")
+    call = parse(["generate", "m", f"--config={generation}", "--prompt", "c"])
+    assert call.keywords["prompt"] == ["c"] and call.keywords["as_json"] is True
+    assert call.keywords["config"].temperature == 0 and call.keywords["config"].stop == ("\\n",)
+    for bad, message in [("- a\n", "mapping"), ("bogus: 1\n", "--bogus"), ("lr: [\n", "YAML"),
+                         ("lora: {rank: x}\n", "--lora.rank"), ("prompt: []\n", "empty list")]:
+        run.write_text(bad)
+        with pytest.raises(UsageError, match=re.escape(message)):
+            parse(["finetune", "m", "--data", "d", "--out", "o", "--config", str(run)])
 
 
 def test_repeated_prompts_are_all_generated(place, capsys):
@@ -179,12 +206,12 @@ def test_repeated_prompts_are_all_generated(place, capsys):
 # The command-line surface users and scripts rely on: (positional arguments, --flags). Renaming a
 # Python parameter must not silently rename or drop a flag; new flags may be added freely.
 SURFACE = {
-    "convert": (["src", "dst"], "force to"),
-    "info": (["path"], ""),
-    "generate": (["model"], "add-bos compile device greedy interactive json max-new-tokens mode num-samples prompt "
+    "convert": (["SRC", "DST"], "force to"),
+    "info": (["PATH"], ""),
+    "generate": (["MODEL"], "add-bos compile device greedy interactive json max-new-tokens mode num-samples prompt "
                  "prompt-file repetition-penalty seed slide-window stop stop-at-eot stream temperature template "
                  "top-k top-logprobs top-p truncate-prompt"),
-    "prepare": (["source"], "decode-errors field force out progress shard-tokens tokenizer val-fraction workers"),
+    "prepare": (["SOURCE"], "decode-errors field force out progress shard-tokens tokenizer val-fraction workers"),
     "train": ([], "batch-size beta1 beta2 block-size ckpt-interval compile data decay-steps device dropout eps "
               "eval-batches eval-interval fsdp grad-clip gradient-checkpointing keep-best keep-last log-interval lr "
               "max-minutes max-steps micro-batch min-lr model out patience peak-tflops precision resume seed "
@@ -195,34 +222,38 @@ SURFACE = {
     "tokenizer decode": ([], "force input output tokenizer"),
     "tokenizer count": ([], "input tokenizer"),
     "tokenizer train": ([], "force input min-frequency out vocab-size"),
-    "eval": (["model"], "batch-size data device limit out per-example stride task tokenizer"),
-    "finetune": (["model"], "batch-size block-size data data-format device eval-batches eval-interval field "
-                 "gradient-checkpointing keep-best keep-last lora-alpha lora-dropout lora-rank lora-targets lr "
+    "eval": (["MODEL"], "batch-size data device limit out per-example stride task tokenizer"),
+    "finetune": (["MODEL"], "batch-size block-size data data-format device eval-batches eval-interval field "
+                 "gradient-checkpointing keep-best keep-last lora.alpha lora.dropout lora.rank lora.targets lr "
                  "max-minutes max-steps merge method out patience resume seed template too-long val-data "
                  "val-fraction warmup-steps"),
-    "lora merge": (["adapter"], "force hf out"),
+    "lora merge": (["ADAPTER"], "force hf out"),
 }
 
 
-def test_the_command_line_surface_keeps_every_documented_argument():
-    import argparse
+def help_text(capsys, monkeypatch, *words: str) -> str:
+    monkeypatch.setenv("COLUMNS", "200")  # one option per line
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main([*words, "--help"])
+    assert exit_.value.code in (0, None)
+    return capsys.readouterr().out
 
-    from gpt2lab.cli import build_parser
 
-    def commands(parser, prefix=""):
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                for name, sub in action.choices.items():
-                    yield from commands(sub, f"{prefix} {name}".strip())
-        if prefix in COMMANDS:
-            flags = {s.removeprefix("--") for a in parser._actions for s in a.option_strings if s.startswith("--")}
-            positional = [a.dest for a in parser._actions
-                          if not a.option_strings and not isinstance(a, argparse._SubParsersAction)]
-            yield prefix, positional, flags
-
-    seen = {name: (positional, flags) for name, positional, flags in commands(build_parser())}
-    assert seen.keys() == SURFACE.keys()
+def test_the_command_line_surface_keeps_every_documented_argument(capsys, monkeypatch):
+    """What each command's --help shows, as users see it: a lost or renamed flag fails here."""
+    listed = help_text(capsys, monkeypatch)
+    for name in {c.split()[0] for c in COMMANDS}:
+        assert re.search(rf"• {name}\b", listed), name
     for name, (positional, flags) in SURFACE.items():
-        assert seen[name][0] == positional, name
-        missing = set(flags.split()) - seen[name][1]
+        text = help_text(capsys, monkeypatch, *name.split())
+        assert text.startswith(f"usage: gpt2lab {name} "), text
+        rows = [line.strip("│ ") for line in text.splitlines()]
+        shown = {m.group(1) for row in rows if (m := re.match(r"--([\w.-]+)", row))}
+        # The section "positional arguments" (a box on a terminal, a ruled heading when piped) lists them.
+        section = text.partition("positional arguments")[2].partition("options")[0]
+        seen_positional = [m.group(1) for row in section.splitlines()
+                           if (m := re.match(r"([A-Z][A-Z_]*)\s", row.strip("│ ")))]
+        assert seen_positional == positional, name
+        missing = set(flags.split()) - shown
         assert not missing, f"gpt2lab {name} lost --{', --'.join(sorted(missing))}"

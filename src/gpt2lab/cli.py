@@ -1,54 +1,61 @@
-"""The `gpt2lab` command: one table from subcommand to a typed Python function.
+"""The `gpt2lab` command, built by tyro from the command functions' typed signatures and docstrings.
 
-Each function's signature becomes its arguments (parameters without a default are positional,
-keyword-only ones and the rest are --options, a config dataclass parameter gives one --option per
-field) and its docstring becomes the help, so the CLI and the Python API are the same functions.
-A function's return value is printed: strings as they are, dicts as JSON.
+Each command is a function in gpt2lab.commands: its positional-only parameters are the arguments,
+the rest are --options (a config dataclass gives one option per field, `--lora.rank` for a nested
+one), its docstring is the help. Repeating a list option appends (`--prompt A --prompt B`). Any
+command also reads options from a YAML file, `--config run.yaml`; the command line wins over it.
+A command's return value is printed: strings as they are, dicts as JSON.
+
+tyro was chosen over jsonargparse (litgpt's) because it keeps the GNU conventions this CLI had
+from the start: --dashed-names, --flag/--no-flag switches, and several values after one option.
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
-import dataclasses
+import contextlib
 import errno
+import functools
 import importlib
-import inspect
+import io
 import json
 import os
+import re
 import signal
 import sys
-import textwrap
-import types
-import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import GPT2LabError, Stopped
+from .errors import ConfigError, GPT2LabError, Stopped
 
-# subcommand (words separated by spaces for groups) -> "module:function" in gpt2lab.
+PROG = "gpt2lab"
+DESCRIPTION = ("Train, fine-tune, run, evaluate and serve GPT-2. Every command also takes --config FILE: "
+               "a YAML file of its options (the command line wins).")
+
+# subcommand (words separated by spaces for groups) -> "module:function" in gpt2lab.commands.
 # Modules are imported only for the subcommand that runs, so `gpt2lab tokenizer ...` starts fast.
 COMMANDS: dict[str, str] = {
+    "prepare": "prepare:prepare",
+    "train": "train:train",
+    "finetune": "finetune:finetune",
+    "generate": "generate:generate",
+    "eval": "evaluate:evaluate",
+    "demo": "demo:demo",
     "convert": "checkpoint:convert",
     "info": "checkpoint:info",
-    "generate": "commands.generate:generate",
-    "prepare": "data:prepare",
-    "train": "commands.train:train",
-    "demo": "demo:demo",
-    "tokenizer encode": "commands.tokenizer:encode_files",
-    "tokenizer decode": "commands.tokenizer:decode_ids",
-    "tokenizer count": "commands.tokenizer:count_tokens",
-    "tokenizer train": "commands.tokenizer:train_tokenizer",
-    "eval": "commands.evaluate:evaluate",
-    "finetune": "finetune:finetune",
+    "tokenizer encode": "tokenizer:encode_files",
+    "tokenizer decode": "tokenizer:decode_ids",
+    "tokenizer count": "tokenizer:count_tokens",
+    "tokenizer train": "tokenizer:train_tokenizer",
     "lora merge": "finetune:merge",
 }
+GROUPS = {"tokenizer": "encode, decode and count tokens; learn a BPE vocabulary",
+          "lora": "LoRA adapters: merge one into a plain checkpoint"}
 
 
-def resolve_command(target: str) -> Callable[..., Any]:
-    module, _, name = target.partition(":")
-    return getattr(importlib.import_module(f"gpt2lab.{module}"), name)
+def resolve_command(name: str) -> Callable[..., Any]:
+    module, _, function = COMMANDS[name].partition(":")
+    return getattr(importlib.import_module(f"gpt2lab.commands.{module}"), function)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(sys.argv[1:] if argv is None else argv)
     except _Terminated:
-        print("gpt2lab: terminated", file=sys.stderr)
+        print(f"{PROG}: terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:  # also while the command's modules are still being imported
-        print("gpt2lab: interrupted", file=sys.stderr)
+        print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     finally:
         if previous is not None:
@@ -83,16 +90,9 @@ def _main_thread() -> bool:
 
 
 def _main(argv: list[str]) -> int:
-    parser = build_parser(_selected(argv))
-    args = vars(parser.parse_args(argv))
-    args.pop("_given", None)
-    func = args.pop("_func", None)
-    if func is None:  # a group or nothing named: its commands, then what is wrong on one line
-        parser.print_help()
-        print("gpt2lab: error: no command given; choose one of the commands above", file=sys.stderr)
-        return 2
     try:
-        result = func(**_grouped(args))  # building a config validates it: inside the try
+        call = parse(argv)
+        result = call()
         if isinstance(result, str):
             print(result)
         elif result is not None:
@@ -101,188 +101,214 @@ def _main(argv: list[str]) -> int:
     except Stopped as e:  # a run that saved and stopped on a signal: its report, then 128 + the signal
         if e.report:
             print(e.report)
-        print(f"gpt2lab: {e}", file=sys.stderr)
+        print(f"{PROG}: {e}", file=sys.stderr)
         return 128 + e.signum
     except GPT2LabError as e:
-        print(f"gpt2lab: error: {_one_line(e)}", file=sys.stderr)
+        print(f"{PROG}: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as a SIGPIPE would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 128 + signal.SIGPIPE
     except OSError as e:  # the machine's answer about a path the user gave: permissions, a full disk, ...
         where = f": {e.filename}" if e.filename else " (standard output)" if e.errno == errno.ENOSPC else ""
-        print(f"gpt2lab: error: {e.strerror or e}{where}", file=sys.stderr)
+        print(f"{PROG}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     return 0
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
-class _Repeatable(argparse.Action):
-    """A list option: the values of every use, in order (`--x A --x B` and `--x A B` give [A, B]);
-    the first use replaces the default rather than adding to it."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        given = namespace.__dict__.setdefault("_given", set())
-        before = getattr(namespace, self.dest) if self.dest in given else []
-        given.add(self.dest)
-        setattr(namespace, self.dest, [*before, *values])
+class UsageError(ConfigError):
+    """The command line (or its --config file) does not fit the command: tyro's message, on one line."""
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with its usage errors on one line: what is wrong, and where the help is."""
+def parse(argv: list[str]) -> Callable[[], Any]:
+    """The command argv names, with its arguments bound: call it to run the command.
+    `--help` prints the help and exits 0; a command line that does not fit raises UsageError."""
+    from tyro.extras import SubcommandApp
 
-    def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+    name = _selected(argv)
+    argv = _with_config_file(argv, name)
+    if name is not None:
+        argv = _merge_repeats(argv, _list_options(resolve_command(name)))
+    app, groups = SubcommandApp(), {}
+    for command in [name] if name else COMMANDS:
+        *group, leaf = command.split()
+        into = app
+        if group:
+            if group[0] not in groups:
+                groups[group[0]] = SubcommandApp()
+                app.command(groups[group[0]], name=group[0], help=GROUPS[group[0]])
+            into = groups[group[0]]
+        into.command(_deferred(resolve_command(command)), name=leaf)
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            # tyro calls the command function it chose; _deferred makes that call return the bound
+            # command instead of running it, so that only parsing happens with stderr captured.
+            return app.cli(prog=PROG, description=DESCRIPTION, args=argv)
+    except SystemExit as e:
+        if e.code in (0, None):
+            raise
+        raise UsageError(_usage_message(errors.getvalue(), name)) from None
 
 
-def _selected(argv: list[str]) -> list[str] | None:
-    """The command names argv selects, so that only their modules are imported (None: all)."""
-    words = [a for a in argv if not a.startswith("-")][:2]
+def _deferred(func: Callable[..., Any]) -> Callable[..., Callable[[], Any]]:
+    @functools.wraps(func)  # tyro reads the signature, type hints and docstring through __wrapped__
+    def bind(*args: Any, **kwargs: Any) -> Callable[[], Any]:
+        return functools.partial(func, *args, **kwargs)
+
+    return bind
+
+
+_BORDER = set("╭╮╰╯─━┏┓┗┛+-=│┃| ")
+_GENERIC = r"(Value error|Required options|Invalid choice|Unrecognized options)"  # titles the text repeats
+
+
+def _usage_message(text: str, command: str | None = None) -> str:
+    """tyro's error (a box on a terminal, ruled sections when piped) as one line: what is wrong, and
+    where the help is. Its first line is the title; an argument's help text after it is left to --help."""
+    lines = [line.strip().strip("╭╮╰╯─━┏┓┗┛+-│┃| ") for line in text.splitlines()
+             if line.strip() and not set(line.strip()) <= _BORDER]
+    words, see = [], False
+    for n, line in enumerate(lines):
+        if line.startswith(("Argument helptext", "For full helptext")):
+            see = True
+            break
+        words.append(f"{line}:" if n == 0 else line)
+    message = _one_line(" ".join(words))
+    message = re.sub(rf"^{_GENERIC}: ", "", message)
+    # A nested config's check reads "Error parsing __tyro-dummy-inner__.config.lora: <gpt2lab's message>".
+    message = re.sub(r"Error parsing [^\s:]*(config|__tyro)[^\s:]*: ", "", message) or "bad command line"
+    return f"{message} (see {PROG}{' ' + command if command else ''} --help)" if see else message
+
+
+def _selected(argv: list[str]) -> str | None:
+    """The command argv's first words name, or None (then every command is built, for the help)."""
+    words = []
+    for arg in argv[:2]:
+        if arg.startswith("-"):
+            break
+        words.append(arg)
     for n in (2, 1):
         name = " ".join(words[:n])
-        if name in COMMANDS:
-            return [name]
+        if len(words) >= n and name in COMMANDS:
+            return name
     return None
 
 
-def build_parser(only: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = _Parser(prog="gpt2lab", description="Train, fine-tune, run, evaluate and serve GPT-2.")
-    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
-    groups: dict[str, Any] = {}
-    for name, target in COMMANDS.items():
-        if only is not None and name not in only:
+def _list_options(func: Callable[..., Any]) -> set[str]:
+    """The --options of a command that take several values (`prompt`, `lora.targets`), as tyro names them."""
+    import dataclasses
+    import types
+    import typing
+
+    def walk(hints: dict[str, Any], prefix: str) -> Iterator[str]:
+        for name, hint in hints.items():
+            flag = name.replace("_", "-")
+            for extra in getattr(hint, "__metadata__", ()):  # Annotated[T, tyro.conf.arg(name=...)]
+                flag = getattr(extra, "name", None) if getattr(extra, "name", None) is not None else flag
+            hint = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
+            if typing.get_origin(hint) in (typing.Union, types.UnionType):
+                hint = next(a for a in typing.get_args(hint) if a is not type(None))
+            if dataclasses.is_dataclass(hint):
+                fields = typing.get_type_hints(hint, include_extras=True)
+                yield from walk(fields, f"{prefix}{flag}." if flag else prefix)
+            elif typing.get_origin(hint) in (list, tuple):
+                yield prefix + flag
+
+    hints = typing.get_type_hints(func, include_extras=True)
+    hints.pop("return", None)
+    return set(walk(hints, ""))
+
+
+def _merge_repeats(argv: list[str], lists: set[str]) -> list[str]:
+    """`--prompt A --prompt B` as `--prompt A B`: tyro would keep only the last use of a list option."""
+    segments: list[list[str]] = []
+    uses: dict[str, list[str]] = {}  # list option -> its segment: the flag and every value given
+    i = 0
+    while i < len(argv):
+        arg, i = argv[i], i + 1
+        name = arg[2:].partition("=")[0].replace("_", "-") if arg.startswith("--") else ""
+        if name not in lists:
+            segments.append([arg])
             continue
-        func = resolve_command(target)
-        *group, leaf = name.split()
-        target = subparsers
-        if group:
-            if group[0] not in groups:
-                gp = subparsers.add_parser(group[0], help=f"{group[0]} commands")
-                groups[group[0]] = gp.add_subparsers(title=f"{group[0]} commands", metavar="COMMAND",
-                                                     parser_class=_Parser)
-            target = groups[group[0]]
-        summary, params = _parse_doc(func)
-        sub = target.add_parser(leaf, help=summary, description=summary)
-        _add_arguments(sub, func, params)
-        sub.set_defaults(_func=func)
-    return parser
+        values = [arg.partition("=")[2]] if "=" in arg else []
+        while "=" not in arg and i < len(argv) and not argv[i].startswith("-"):
+            values.append(argv[i])
+            i += 1
+        if not values:  # left as it was: tyro says what is missing
+            segments.append([arg])
+        elif name in uses:
+            uses[name] += values
+        else:
+            uses[name] = [f"--{name}", *values]
+            segments.append(uses[name])
+    return [arg for segment in segments for arg in segment]
 
 
-def _parse_doc(func: Callable[..., Any]) -> tuple[str, dict[str, str]]:
-    """The docstring's first line, and `name: help` lines describing parameters."""
-    doc = inspect.getdoc(func) or ""
-    lines = doc.splitlines()
-    params: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, text = line.strip().partition(":")
-        if sep and name.isidentifier():
-            params[name] = text.strip()
-    return (lines[0] if lines else ""), params
+def _with_config_file(argv: list[str], name: str | None) -> list[str]:
+    """argv with `--config FILE`'s options in place of it: a YAML mapping of option names to values
+    (`lr: 3e-4`, `lora: {rank: 4}`, `prompt: [a, b]`). An option also given on the command line is
+    taken from there."""
+    uses = [i for i, arg in enumerate(argv) if arg == "--config" or arg.startswith("--config=")]
+    if not uses:
+        return argv
+    if len(uses) > 1:
+        raise UsageError("--config is given twice: give one options file")
+    i = uses[0]
+    path, drop = (argv[i].partition("=")[2], 1) if "=" in argv[i] else (argv[i + 1] if i + 1 < len(argv) else "", 2)
+    if not path:
+        raise UsageError("--config needs a file: --config run.yaml")
+    if name is None:
+        raise UsageError("--config goes after a command: gpt2lab train --config run.yaml")
+    rest = argv[:i] + argv[i + drop:]
+    given = {_flag_name(arg) for arg in rest if arg.startswith("--")}
+    return rest + _config_options(_read_config(Path(path)), given)
 
 
-def _add_arguments(parser: argparse.ArgumentParser, func: Callable[..., Any], docs: dict[str, str]) -> None:
-    hints = typing.get_type_hints(func)
-    groups: dict[str, type] = {}
-    for p in inspect.signature(func).parameters.values():
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
-        hint = hints.get(p.name, str)
-        if (cls := _config_class(hint)) is not None:
-            # A config dataclass parameter becomes one --option per field, its docstring the help;
-            # an instance as the parameter's default supplies the defaults (e.g. the demo's settings).
-            field_hints, field_docs = typing.get_type_hints(cls), _field_docs(cls)
-            base = p.default if isinstance(p.default, cls) else None
-            for f in dataclasses.fields(cls):
-                if f.metadata.get("cli") is False:  # set by the function itself, not an option
-                    continue
-                default = getattr(base, f.name) if base is not None else f.default
-                _add_option(parser, f.name, f"{p.name}.{f.name}", field_hints[f.name], default,
-                            field_docs.get(f.name, ""))
-            groups[p.name] = cls
-        elif p.default is inspect.Parameter.empty and p.kind is not p.KEYWORD_ONLY:
-            kind, choices, many = _arg_type(hint)
-            parser.add_argument(p.name, type=kind, choices=choices, nargs="+" if many else None,
-                                help=docs.get(p.name, "").replace("%", "%%"))
-        else:  # keyword-only parameters without a default are required --options
-            _add_option(parser, p.name, p.name, hint, p.default, docs.get(p.name, ""))
-    parser.set_defaults(_groups=groups)
+def _read_config(path: Path) -> dict[str, Any]:
+    import yaml
 
-
-def _add_option(parser: argparse.ArgumentParser, name: str, dest: str, hint: Any, default: Any, help_: str) -> None:
-    kind, choices, many = _arg_type(hint)
-    flag = "--" + name.replace("_", "-")
-    help_ = help_.replace("%", "%%")
-    required = default is inspect.Parameter.empty or default is dataclasses.MISSING
-    if kind is bool and not required:
-        parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_)
-        return
-    shown = f" (default: {default})" if not required and default not in (None, (), []) else ""
-    if many:  # `--prompt A --prompt B` and `--prompt A B` both give [A, B]: a repeat never drops values
-        default = None if required or default is None else list(default)
-        parser.add_argument(flag, dest=dest, type=kind, choices=choices, required=required, action=_Repeatable,
-                            metavar=None if choices else name.upper(), default=default, nargs="+",
-                            help=help_ + " (repeatable)" + shown)
-        return
-    parser.add_argument(flag, dest=dest, type=kind, choices=choices, required=required,
-                        metavar=None if choices else name.upper(),
-                        default=None if required else default, help=help_ + shown)
-
-
-def _config_class(hint: Any) -> type | None:
-    """The dataclass that a `Config` or `Config | None` parameter takes, else None."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        inner = [a for a in typing.get_args(hint) if a is not type(None)]
-        hint = inner[0] if len(inner) == 1 else None
-    return hint if isinstance(hint, type) and dataclasses.is_dataclass(hint) else None
-
-
-def _field_docs(cls: type) -> dict[str, str]:
-    """A dataclass's attribute docstrings (the string under each field), which Python does not keep.
-    A subclass's fields inherit their bases' docstrings unless it redeclares them."""
-    docs = {}
-    for base in cls.__mro__[:0:-1]:
-        if dataclasses.is_dataclass(base):
-            docs |= _field_docs(base)
     try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError):
-        return docs
-    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-    for node, after in zip(body, body[1:], strict=False):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
-                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
-            docs[node.target.id] = " ".join(after.value.value.split())
-    return docs
+        options = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UsageError(f"cannot read --config {path}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UsageError(f"--config {path} is not a YAML file: {_one_line(str(e))}") from None
+    if not isinstance(options, dict):
+        raise UsageError(f"--config {path} must hold a mapping of option names to values (lr: 3e-4), "
+                         f"not {type(options).__name__}")
+    return options
 
 
-def _grouped(args: dict[str, Any]) -> dict[str, Any]:
-    """Parsed options with each config dataclass's fields gathered back into one instance."""
-    for name, cls in args.pop("_groups", {}).items():
-        prefix = f"{name}."
-        fields = {key: args.pop(key) for key in [k for k in args if k.startswith(prefix)]}
-        args[name] = cls(**{key.removeprefix(prefix): value for key, value in fields.items()})
-    return args
+def _flag_name(arg: str) -> str:
+    """`--lora.no-x=1` -> `lora.x`: the option an argument sets, in the form _config_options makes."""
+    *prefix, leaf = arg[2:].partition("=")[0].replace("_", "-").split(".")
+    return ".".join([*prefix, leaf.removeprefix("no-")])
 
 
-def _arg_type(hint: Any) -> tuple[Any, list[Any] | None, bool]:
-    """(converter, choices, takes several values) for a parameter's type hint."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _arg_type(inner[0])
-    if origin is typing.Literal:
-        choices = list(typing.get_args(hint))
-        return type(choices[0]), choices, False
-    if origin in (list, tuple):
-        kind, choices, _ = _arg_type(typing.get_args(hint)[0])
-        return kind, choices, True
-    if hint is Path:
-        return Path, None, False
-    return (hint if hint in (int, float, bool) else str), None, False
+def _config_options(options: dict[str, Any], given: set[str], prefix: str = "") -> list[str]:
+    tokens: list[str] = []
+    for key, value in options.items():
+        name = prefix + str(key).replace("_", "-")
+        if isinstance(value, dict):
+            tokens += _config_options(value, given, f"{name}.")
+        elif name in given:
+            continue
+        elif isinstance(value, bool):
+            head, _, leaf = name.rpartition(".")
+            tokens.append(f"--{name}" if value else f"--{head}{'.' if head else ''}no-{leaf}")
+        elif isinstance(value, list | tuple):
+            if not value:
+                raise UsageError(f"--config: {key} is an empty list; leave it out to keep the default")
+            for item in value:
+                tokens += [f"--{name}", str(item)]
+        else:
+            tokens += [f"--{name}", "None" if value is None else str(value)]
+    return tokens
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from ..device import resolve_device
 from ..evaluate import Task, _check_options, _data_file, evaluate_model
 from ..files import check_file_destination, clean_leftovers, write_json
 from ..tokenizer import Tokenizer
+from . import Model
 
 
 def summary(results: dict[str, Any]) -> str:
@@ -22,21 +23,22 @@ def summary(results: dict[str, Any]) -> str:
            f"{results['seconds']:.1f} s)"
 
 
-def evaluate(model: str, *, task: Task, data: str, stride: int | None = None, batch_size: int = 8,
+def evaluate(model: Model, /, *, task: Task, data: str, stride: int | None = None, batch_size: int = 8,
              limit: int | None = None, out: Path | None = None, per_example: bool = False,
              tokenizer: str | None = None, device: str = "auto") -> str:
     """Score a model: perplexity of a text file, or a zero-shot benchmark (LAMBADA, HellaSwag, BIG-bench).
 
-    model: a gpt2lab checkpoint, a training run folder (its newest checkpoint) or a Hugging Face GPT-2 folder
-    task: what to measure; the file format follows: text, LAMBADA jsonl, HellaSwag jsonl, BIG-bench task.json
-    data: the task's file; for multiple-choice also bigbench:TASK (taken from the bigbench 1.0.0 sdist)
-    stride: perplexity only: tokens between window starts (default n_ctx / 2)
-    batch_size: windows or choices per forward pass
-    limit: score only the first N examples (perplexity: the first N windows)
-    out: write the results (JSON) to this file (a new one, or results gpt2lab eval wrote before)
-    per_example: include every example's scores in the results file
-    tokenizer: a tokenizer folder, or gpt2 (default: the one the model was saved with)
-    device: auto (a GPU when there is one, else the CPU), cpu, cuda, cuda:N or mps
+    Args:
+        model: a gpt2lab checkpoint, a training run folder (its newest checkpoint) or a Hugging Face GPT-2 folder
+        task: what to measure; the file format follows: text, LAMBADA jsonl, HellaSwag jsonl, BIG-bench task.json
+        data: the task's file; for multiple-choice also bigbench:TASK (taken from the bigbench 1.0.0 sdist)
+        stride: perplexity only: tokens between window starts (default n_ctx / 2)
+        batch_size: windows or choices per forward pass
+        limit: score only the first N examples (perplexity: the first N windows)
+        out: write the results (JSON) to this file (a new one, or results gpt2lab eval wrote before)
+        per_example: include every example's scores in the results file
+        tokenizer: a tokenizer folder, or gpt2 (default: the one the model was saved with)
+        device: auto (a GPU when there is one, else the CPU), cpu, cuda, cuda:N or mps
     """
     # Everything that can be checked without the model is checked before it is loaded.
     out = None if out is None else check_file_destination(out, flag="--out", replaceable=_is_results,

@@ -18,39 +18,43 @@ from ..errors import GenerationError, GPT2LabError
 from ..generate import _SURROGATE, Completion, GenerationConfig, Generator
 from ..quantize import Mode
 from ..template import PromptTemplate
+from . import FLAT, Annotated, Model, flag
+
+DEFAULTS = GenerationConfig()
 
 
-def generate(model: str, *, prompt: list[str] | None = None, prompt_file: Path | None = None,
-             config: GenerationConfig | None = None, stream: bool = False, interactive: bool = False,
-             json: bool = False, mode: Mode = "fp32", compile: bool = False, template: bool = True,
+def generate(model: Model, /, *, prompt: list[str] | None = None, prompt_file: Path | None = None,
+             config: Annotated[GenerationConfig, FLAT] = DEFAULTS, stream: bool = False,
+             interactive: bool = False, as_json: Annotated[bool, flag("json")] = False, mode: Mode = "fp32",
+             compiled: Annotated[bool, flag("compile")] = False, template: bool = True,
              device: str = "auto") -> str | None:
     """Generate text from a model: continue each prompt (or stdin), print the results.
 
-    model: a gpt2lab checkpoint, a training run folder or a Hugging Face GPT-2 folder
-    prompt: one or more prompts, generated as one batch (default: --prompt-file, else stdin)
-    prompt_file: a UTF-8 file whose whole text is the prompt
-    stream: print text as it is generated
-    interactive: a REPL: each line you type is a prompt (Ctrl-D to quit, Ctrl-C stops a reply)
-    json: print one JSON object per sample: text, token_ids (the new ids), logprobs, finish_reason
-    mode: fp32; bf16 weights; or int8 weight-only quantization (both about 2x+ faster on CPU)
-    compile: run the model through torch.compile (slow first call)
-    template: show each prompt as fine-tuning did, through the checkpoint's prompt template (if it has one)
-    device: auto (a GPU when there is one, else the CPU), cpu, cuda, cuda:N or mps
+    Args:
+        model: a gpt2lab checkpoint, a training run folder or a Hugging Face GPT-2 folder
+        prompt: one or more prompts, generated as one batch (default: --prompt-file, else stdin)
+        prompt_file: a UTF-8 file whose whole text is the prompt
+        stream: print text as it is generated
+        interactive: a REPL: each line you type is a prompt (Ctrl-D to quit, Ctrl-C stops a reply)
+        as_json: print one JSON object per sample: text, token_ids (the new ids), logprobs, finish_reason
+        mode: fp32; bf16 weights; or int8 weight-only quantization (both about 2x+ faster on CPU)
+        compiled: run the model through torch.compile (slow first call)
+        template: show each prompt as fine-tuning did, through the checkpoint's prompt template (if it has one)
+        device: auto (a GPU when there is one, else the CPU), cpu, cuda, cuda:N or mps
     """
-    config = config or GenerationConfig()
     config = replace(config, stop=tuple(_unescape(s) for s in config.stop))  # --stop '\n' means a newline
     if interactive and (prompt or prompt_file):
         raise GenerationError("--interactive reads prompts from the terminal: drop --prompt/--prompt-file")
     if interactive or (not prompt and prompt_file is None):
         _prompt_stdin(interactive)  # no stdin to read is refused before the model is loaded
     resolved = resolve_device(device)  # a bad name is refused before the model is read
-    gen = Generator.load(model, mode=mode, compile=compile, device=resolved)
+    gen = Generator.load(model, mode=mode, compile=compiled, device=resolved)
     fmt = _prompt_format(model) if template else str
     if interactive:
         _repl(gen, config, fmt)
         return None
     prompts = [fmt(p) for p in _read_prompts(prompt, prompt_file)]
-    if json:
+    if as_json:
         return "\n".join(dumps(c.to_dict(), ensure_ascii=False) for c in gen.generate(prompts, config))
     if not stream:
         done = gen.generate(prompts, config)

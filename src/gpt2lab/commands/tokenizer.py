@@ -14,48 +14,53 @@ from .. import tokenizer as library
 from ..errors import TokenizerError
 from ..files import atomic_write, check_file_destination
 from ..tokenizer import Tokenizer
+from . import Annotated, flag
+
+Files = Annotated[list[str] | None, flag("input")]  # --input A --input B
 
 
-def encode_files(input: list[str] | None = None, *, tokenizer: str | None = None, allow_special: bool = False,
+def encode_files(files: Files = None, *, tokenizer: str | None = None, allow_special: bool = False,
                  json_lists: bool = False) -> str:
     """Encode text into token ids: one line of space-separated ids per input.
 
-    input: UTF-8 text files (default: read stdin)
-    tokenizer: a tokenizer or checkpoint folder (default: GPT-2's)
-    allow_special: encode "<|endoftext|>" in the text as the special token, not as plain text
-    json_lists: print each input's ids as a JSON list
+    Args:
+        files: UTF-8 text files (default: read stdin)
+        tokenizer: a tokenizer or checkpoint folder (default: GPT-2's)
+        allow_special: encode "<|endoftext|>" in the text as the special token, not as plain text
+        json_lists: print each input's ids as a JSON list
     """
-    if not input:
+    if not files:
         _stdin()  # closed: refused before the tokenizer is loaded
     tok = _pick(tokenizer)
-    names, texts = zip(*_iter_text(input), strict=True)
+    names, texts = zip(*_iter_text(files), strict=True)
     all_ids = tok.encode_batch(list(texts), allowed_special="all" if allow_special else frozenset())
     if json_lists:
         return "\n".join(json.dumps(ids) for ids in all_ids)
     return "\n".join(" ".join(map(str, ids)) for ids in all_ids)
 
 
-def decode_ids(input: list[str] | None = None, *, tokenizer: str | None = None, output: str | None = None,
+def decode_ids(files: Files = None, *, tokenizer: str | None = None, output: str | None = None,
                force: bool = False) -> str:
     """Decode token ids (space-separated, or a JSON list) into text.
 
-    input: files of ids (default: read stdin)
-    tokenizer: a tokenizer or checkpoint folder (default: GPT-2's)
-    output: write the tokens' bytes to this file, byte for byte (even a character cut in two), instead of printing
-    force: replace an existing --output file (never an input, a link, a FIFO or a device)
+    Args:
+        files: files of ids (default: read stdin)
+        tokenizer: a tokenizer or checkpoint folder (default: GPT-2's)
+        output: write the tokens' bytes to this file, byte for byte (even a character cut in two), instead of printing
+        force: replace an existing --output file (never an input, a link, a FIFO or a device)
     """
     def check_output(path: Path) -> None:
         check_file_destination(path, flag="--output", error=TokenizerError, force=force,
-                               sources=input or (),
+                               sources=files or (),
                                keep={"the tokenizer folder": tokenizer} if tokenizer else None)
 
     if output is not None:
         check_output(Path(output))
-    if not input:
+    if not files:
         _stdin()  # closed: refused before the tokenizer is loaded
     tok = _pick(tokenizer)
     ids: list[int] = []
-    for name, text in _iter_text(input):
+    for name, text in _iter_text(files):
         ids += _parse_ids(text, name, tok)
     if output is None:
         return tok.decode(ids)  # text: an incomplete character becomes U+FFFD
@@ -65,33 +70,35 @@ def decode_ids(input: list[str] | None = None, *, tokenizer: str | None = None, 
     return f"wrote {len(ids)} tokens as {len(data)} bytes to {output}"
 
 
-def count_tokens(input: list[str] | None = None, *, tokenizer: str | None = None) -> dict[str, Any]:
+def count_tokens(files: Files = None, *, tokenizer: str | None = None) -> dict[str, Any]:
     """Count the tokens in text files (or stdin).
 
-    input: UTF-8 text files (default: read stdin)
-    tokenizer: a tokenizer or checkpoint folder (default: GPT-2's)
+    Args:
+        files: UTF-8 text files (default: read stdin)
+        tokenizer: a tokenizer or checkpoint folder (default: GPT-2's)
     """
-    if not input:
+    if not files:
         _stdin()  # closed: refused before the tokenizer is loaded
     tok = _pick(tokenizer)
-    names, texts = zip(*_iter_text(input), strict=True)
+    names, texts = zip(*_iter_text(files), strict=True)
     counts = [len(ids) for ids in tok.encode_batch(list(texts))]
     size = sum(len(t.encode("utf-8")) for t in texts)
     return {"tokenizer": tok.name, "tokens": sum(counts), "bytes": size,
             "bytes_per_token": round(size / max(sum(counts), 1), 3), "files": dict(zip(names, counts, strict=True))}
 
 
-def train_tokenizer(input: list[str] | None = None, *, vocab_size: int = 50257, out: str | None = None,
+def train_tokenizer(files: Files = None, *, vocab_size: int = 50257, out: str | None = None,
                     min_frequency: int = 2, force: bool = False) -> str:
     """Learn a byte-level BPE vocabulary with GPT-2's pre-tokenization from text files.
 
-    input: UTF-8 text files to learn from (read in chunks: any size works)
-    vocab_size: ids in the result: 256 bytes + merges + <|endoftext|> (the last id)
-    out: a new or empty folder to write encoder.json, vocab.bpe and gpt2lab's tokenizer.json into
-    min_frequency: a pair must occur this often to be merged
-    force: replace the tokenizer that gpt2lab wrote to --out before (never a folder holding other files)
+    Args:
+        files: UTF-8 text files to learn from (read in chunks: any size works)
+        vocab_size: ids in the result: 256 bytes + merges + <|endoftext|> (the last id)
+        out: a new or empty folder to write encoder.json, vocab.bpe and gpt2lab's tokenizer.json into
+        min_frequency: a pair must occur this often to be merged
+        force: replace the tokenizer that gpt2lab wrote to --out before (never a folder holding other files)
     """
-    tok = library.train_tokenizer(input, vocab_size=vocab_size, out=out, min_frequency=min_frequency, force=force)
+    tok = library.train_tokenizer(files, vocab_size=vocab_size, out=out, min_frequency=min_frequency, force=force)
     short = f"; asked for {vocab_size}, but no more pairs occur {min_frequency}+ times" \
         if tok.vocab_size < vocab_size else ""
     return f"wrote {tok.name} ({tok.vocab_size} ids{short}) to {out}"
