@@ -101,6 +101,10 @@ BAD = {
         "{ckpt} --data {file} --out {root}/f1 --seed 18446744073709551616",
     ],
     "lora merge": ["{ckpt} --out {root}/m1", "{missing} --out {root}/m1", "{empty} --out {root}/m1"],
+    "serve": ["{missing} --port 0", "{ckpt} --port 99999", "{ckpt} --mode int4", "{ckpt} --max-batch 0 --port 0",
+              "{ckpt} --chat-template {missing} --port 0", "{ckpt} --max-tokens 100000 --port 0",
+              "{ckpt} --grace nan --port 0", "{ckpt} --host no-such-host.invalid --port 0",
+              "{ckpt} --chat-template {ckpt}/config.json --max-prompt-tokens 0 --port 0"],
     "": ["", "banana", "train --banana", "--version-banana", "tokenizer", "lora", "--config {file}",
          "tokenizer banana"],
 }
@@ -228,6 +232,8 @@ SURFACE = {
                  "max-minutes max-steps merge method out patience resume seed template too-long val-data "
                  "val-fraction warmup-steps"),
     "lora merge": (["ADAPTER"], "force hf out"),
+    "serve": (["MODEL"], "api-key chat-template cors-origins device grace host max-batch max-body-bytes max-n "
+              "max-prompt-tokens max-queue max-streams max-tokens mode model-name port"),
 }
 
 

@@ -40,6 +40,7 @@ COMMANDS: dict[str, str] = {
     "finetune": "finetune:finetune",
     "generate": "generate:generate",
     "eval": "evaluate:evaluate",
+    "serve": "serve:serve",
     "demo": "demo:demo",
     "convert": "checkpoint:convert",
     "info": "checkpoint:info",

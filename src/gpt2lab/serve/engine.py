@@ -1,0 +1,402 @@
+"""Continuous batching: one model, one thread, many sequences.
+
+Sequences join the running batch between decode steps and leave it when they finish, each with
+its own sampling, position and stop rules. The batch lives in a KV cache of `max_batch` slots:
+active sequences hold slots 0..B-1 (a finished one's slot is filled by moving the last one in),
+so one decode step attends over a view of the cache, never a copy. A new sequence is prefilled
+alone, so what it computes does not depend on what else is running; a decode step masks each row
+to its own positions. Sampling is per sequence (its own generator when seeded), after the model.
+
+The engine thread is the only one that touches the model. Other threads submit sequences and
+cancel them; a cancelled sequence leaves the batch before the next decode step.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..generate import apply_repetition_penalty, apply_temperature, top_k_filter, top_p_filter
+from ..model import GPT
+from ..stoptext import StopText
+
+Top = list[tuple[int, float]]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one sequence is generated. Logprobs reported are the model's own (a log_softmax of its
+    logits), before penalties, bias and temperature: what scoring a text needs."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    repetition_penalty: float = 1.0  # HF's, over the prompt and the generated tokens
+    presence_penalty: float = 0.0  # OpenAI's, over the generated tokens
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # top-N alternatives with each token; None: no logprobs
+    prompt_logprobs: bool = False  # also score the prompt's tokens (echo with logprobs)
+    stop_at_eot: bool = True
+
+
+@dataclass
+class Token:
+    """A generated token, released once its text is final."""
+
+    id: int
+    logprob: float | None
+    top: Top | None
+
+
+@dataclass
+class Event:
+    """What a sequence produced in one step: final text, the tokens it came from, and on the
+    last event the finish reason ("stop", "length", or "cancelled" / "error" for the engine's own)."""
+
+    text: str = ""
+    tokens: list[Token] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt: list[Token] | None = None  # the prompt's tokens and logprobs, on the first event when asked
+    error: str | None = None
+
+
+class QueueFull(Exception):
+    """More sequences are waiting than the engine accepts: try again later."""
+
+
+class Seq:
+    """One sequence (one choice of a request). `on_event` is called from the engine thread."""
+
+    def __init__(self, prompt: Sequence[int], sampling: Sampling, on_event: Callable[[Event], None], *,
+                 decoder: Any = None, group: object | None = None) -> None:
+        self.prompt = list(prompt)
+        self.sampling = sampling
+        self.on_event = on_event
+        self.group = group  # sequences of one group share a prompt: it is prefilled once
+        self.text = StopText(decoder, sampling.stop) if decoder is not None else None
+        self.generated: list[int] = []
+        self.counts: collections.Counter[int] = collections.Counter()
+        self.held: list[tuple[Token, int]] = []  # tokens whose text is not released yet, with its end
+        self.length = 0  # tokens in the KV cache
+        self.next_token: int | None = None  # sampled, not yet fed
+        self.cancelled = False
+        self.finished = False
+        self.submitted = time.perf_counter()
+        seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def cancel(self) -> None:
+        """Stop generating (from any thread): the sequence leaves the batch before the next step."""
+        self.cancelled = True
+
+
+class Engine:
+    """The continuous-batching loop over `model`, in a thread of its own (start() / stop())."""
+
+    def __init__(self, model: GPT, tokenizer: Any = None, *, max_batch: int = 64, max_waiting: int = 256,
+                 eot_id: int | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.eot_id = eot_id if eot_id is not None else getattr(tokenizer, "eot_id", None)
+        self.max_batch, self.max_waiting = max_batch, max_waiting
+        cfg = model.config
+        self.n_ctx, self.n_head, self.head_dim = cfg.n_ctx, cfg.n_head, cfg.head_dim
+        ref = model.transformer.ln_f.weight  # the activations' dtype and device (weights may be int8)
+        self.dtype, self.device = ref.dtype, ref.device
+        self._keys: list[torch.Tensor] = []  # per layer (max_batch, nh, length, hs)
+        self._values: list[torch.Tensor] = []
+        self._waiting: collections.deque[Seq] = collections.deque()
+        self._active: list[Seq] = []  # index = cache slot
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # decode steps run (for tests and metrics)
+
+    # -- from other threads --------------------------------------------------------------
+
+    def start(self) -> Engine:
+        self._thread = threading.Thread(target=self._run, name="gpt2lab-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """End every sequence (finish_reason "cancelled") and join the thread."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, seqs: Sequence[Seq]) -> None:
+        """Queue sequences to be generated; raises QueueFull when too many are already waiting."""
+        with self._wake:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self._waiting) + len(seqs) > self.max_waiting:
+                raise QueueFull(f"{len(self._waiting)} sequences are already waiting")
+            self._waiting.extend(seqs)
+            self._wake.notify()
+
+    @property
+    def running(self) -> int:
+        return len(self._active)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    # -- the engine thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not self._waiting and not self._active and not self._stopping:
+                        self._wake.wait()
+                    if self._stopping:
+                        break
+                try:
+                    self._admit()
+                    self._drop_cancelled()
+                    if self._active:
+                        self._step()
+                except Exception as e:  # a bug must not hang every client: end them all with the error
+                    self._fail_all(f"{type(e).__name__}: {e}")
+        self._fail_all("the server is shutting down", reason="cancelled")
+
+    def _fail_all(self, message: str, reason: str = "error") -> None:
+        with self._wake:
+            seqs, self._waiting = [*self._active, *self._waiting], collections.deque()
+        self._active = []
+        for seq in seqs:
+            if not seq.finished:
+                seq.finished = True
+                try:
+                    seq.on_event(Event(finish_reason=reason, error=message))
+                except Exception:  # a listener already gone (its event loop closed): nothing to tell
+                    pass
+
+    def _admit(self) -> None:
+        """Prefill waiting sequences into free slots (a group's prompt once)."""
+        shared: dict[int, tuple[int, torch.Tensor, list[Token] | None]] = {}
+        while len(self._active) < self.max_batch:
+            with self._wake:
+                if not self._waiting:
+                    return
+                seq = self._waiting.popleft()
+            if seq.cancelled:
+                seq.finished = True
+                continue
+            try:
+                self._start(seq, shared)
+            except Exception as e:  # this sequence fails alone (e.g. out of memory); the batch goes on
+                if not seq.finished:
+                    seq.finished = True
+                    seq.on_event(Event(finish_reason="error", error=f"{type(e).__name__}: {e}"))
+        self._compact()
+
+    def _start(self, seq: Seq, shared: dict[int, tuple[int, torch.Tensor, list[Token] | None]]) -> None:
+        """Put `seq` in the next free slot, prefilled, with its first token chosen."""
+        slot = len(self._active)
+        self._reserve(len(seq.prompt) + seq.sampling.max_tokens)
+        key = id(seq.group) if seq.group is not None else None
+        if key is not None and key in shared:  # the group's prompt is in the cache already: copy it
+            source, logits, prompt = shared[key]
+            n = len(seq.prompt)
+            for keys, values in zip(self._keys, self._values, strict=True):
+                keys[slot, :, :n], values[slot, :, :n] = keys[source, :, :n], values[source, :, :n]
+        else:
+            logits, prompt = self._prefill(seq, slot)
+            if key is not None:
+                shared[key] = (slot, logits, prompt)
+        seq.length = len(seq.prompt)
+        self._active.append(seq)
+        if seq.sampling.max_tokens == 0:
+            self._finish(seq, "length", Event(prompt=prompt))
+        else:
+            self._emit(seq, self._choose(seq, logits), prompt)
+
+    def _prefill(self, seq: Seq, slot: int) -> tuple[torch.Tensor, list[Token] | None]:
+        ids = torch.tensor([seq.prompt], device=self.device)
+        positions = torch.arange(len(seq.prompt), device=self.device)[None]
+        hidden = self._forward(ids, positions, slot=slot)  # (1, T, C)
+        prompt = None
+        if seq.sampling.prompt_logprobs:
+            logp = self.model.lm_head(hidden[0]).float().log_softmax(-1)  # (T, V): position i predicts i + 1
+            prompt = [Token(seq.prompt[0], None, None)]
+            for i, tok in enumerate(seq.prompt[1:]):
+                prompt.append(Token(tok, logp[i, tok].item(), self._top(logp[i], seq.sampling.logprobs)))
+        return self.model.lm_head(hidden[0, -1]), prompt
+
+    def _step(self) -> None:
+        """One decode step for every active sequence."""
+        tokens = torch.tensor([[s.next_token] for s in self._active], device=self.device)  # (B, 1)
+        positions = torch.tensor([[s.length] for s in self._active], device=self.device)  # (B, 1)
+        self._reserve(max(s.length for s in self._active) + 1)
+        logits = self.model.lm_head(self._forward(tokens, positions)[:, -1])  # (B, V)
+        self.steps += 1
+        for seq, row in zip(list(self._active), logits, strict=True):
+            seq.length += 1
+            if not seq.finished:
+                self._emit(seq, self._choose(seq, row))
+        self._compact()
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, *, slot: int | None = None) -> torch.Tensor:
+        """Hidden states (B, T, C) for `ids` at `positions`, reading and writing the KV cache: one
+        sequence's prompt into `slot`, or one new token for each of the first B slots."""
+        tr = self.model.transformer
+        B, T = ids.shape
+        x = tr.wte(ids) + tr.wpe(positions)  # (B, T, C)
+        C = x.size(-1)
+        mask = None
+        if slot is None:  # each row attends to its own positions only
+            span = int(positions.max()) + 1
+            mask = (torch.arange(span, device=self.device)[None] <= positions)[:, None, None, :]  # (B, 1, 1, S)
+            rows = torch.arange(B, device=self.device)
+        for layer, block in enumerate(tr.h):
+            attn = block.attn
+            q, k, v = attn.c_attn(block.ln_1(x)).split(C, dim=2)
+            q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+            keys, values = self._keys[layer], self._values[layer]
+            if slot is not None:
+                keys[slot, :, :T], values[slot, :, :T] = k[0], v[0]
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            else:
+                keys[rows, :, positions[:, 0]], values[rows, :, positions[:, 0]] = k[:, :, 0], v[:, :, 0]
+                y = F.scaled_dot_product_attention(q, keys[:B, :, :span], values[:B, :, :span], attn_mask=mask)
+            x = x + attn.c_proj(y.transpose(1, 2).reshape(B, T, C))
+            x = x + block.mlp(block.ln_2(x))
+        return tr.ln_f(x)
+
+    def _reserve(self, length: int) -> None:
+        """A KV cache with at least `length` positions (up to n_ctx) for max_batch slots; it grows by doubling."""
+        length = min(max(length, 1), self.n_ctx)
+        have = self._keys[0].size(2) if self._keys else 0
+        if have >= length:
+            return
+        new = min(self.n_ctx, max(length, 2 * have, 64))
+        shape = (self.max_batch, self.n_head, new, self.head_dim)
+        keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.model.transformer.h]
+        values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.model.transformer.h]
+        for old, fresh in zip(self._keys + self._values, keys + values, strict=False):  # none the first time
+            fresh[:, :, :have] = old
+        self._keys, self._values = keys, values
+
+    # -- sampling and results ------------------------------------------------------------------
+
+    def _choose(self, seq: Seq, logits: torch.Tensor) -> tuple[int, float | None, Top | None]:
+        """The next token of `seq` from its last logits (V,), with its logprob and top alternatives."""
+        s = seq.sampling
+        raw = logits.float()
+        logp = raw.log_softmax(-1) if s.logprobs is not None else None
+        x = raw
+        if s.logit_bias:
+            ids, bias = zip(*s.logit_bias, strict=True)
+            x = x.clone()
+            x[list(ids)] += torch.tensor(bias)
+        if (s.presence_penalty or s.frequency_penalty) and seq.counts:
+            ids, counts = zip(*seq.counts.items(), strict=True)
+            counts_t = torch.tensor(counts, dtype=torch.float32)
+            x = x.clone()
+            x[list(ids)] -= counts_t * s.frequency_penalty + s.presence_penalty
+        if s.repetition_penalty != 1.0:
+            seen = torch.zeros_like(x, dtype=torch.bool)
+            seen[seq.prompt + seq.generated] = True
+            x = apply_repetition_penalty(x[None], seen[None], s.repetition_penalty)[0]
+        if s.temperature == 0:
+            token = int(x.argmax())
+        else:
+            x = apply_temperature(x - x.max(), s.temperature)[None]
+            if s.top_k > 0:
+                x = top_k_filter(x, s.top_k)
+            x = top_p_filter(x, s.top_p)
+            token = int(torch.multinomial(x[0].softmax(-1), 1, generator=seq.generator))
+        if logp is None:
+            return token, None, None
+        return token, logp[token].item(), self._top(logp, s.logprobs)
+
+    @staticmethod
+    def _top(logp: torch.Tensor, n: int | None) -> Top | None:
+        if not n:
+            return [] if n == 0 else None
+        values, ids = torch.topk(logp, min(n, logp.numel()))
+        return list(zip(ids.tolist(), values.tolist(), strict=True))
+
+    def _emit(self, seq: Seq, choice: tuple[int, float | None, Top | None], prompt: list[Token] | None = None) -> None:
+        """Record a sampled token: release what text is final, and finish the sequence if it is done."""
+        token, logprob, top = choice
+        s = seq.sampling
+        if s.stop_at_eot and token == self.eot_id:
+            self._finish(seq, "stop", Event(prompt=prompt))
+            return
+        seq.generated.append(token)
+        seq.counts[token] += 1
+        seq.next_token = token
+        event = Event(prompt=prompt)
+        held = Token(token, logprob, top)
+        if seq.text is None:
+            event.tokens.append(held)
+        else:
+            event.text = seq.text.add(token)
+            seq.held.append((held, seq.text.decoded))
+            if seq.text.stopped:
+                self._finish(seq, "stop", event)
+                return
+            event.tokens = self._release(seq)
+        if len(seq.generated) >= s.max_tokens or seq.length >= self.n_ctx:  # no position left to feed it at
+            self._finish(seq, "length", event)
+            return
+        seq.on_event(event)
+
+    def _release(self, seq: Seq, final: bool = False) -> list[Token]:
+        """The held tokens whose text has been released (at a stop: those that end before it)."""
+        assert seq.text is not None
+        limit = seq.text.stop_at if seq.text.stop_at is not None else seq.text.emitted
+        done = [t for t, end in seq.held if end <= limit or (final and seq.text.stop_at is None)]
+        seq.held = [] if final else [(t, end) for t, end in seq.held if end > limit]
+        return done
+
+    def _finish(self, seq: Seq, reason: str, event: Event) -> None:
+        if seq.text is not None:
+            if reason != "stop" or not seq.text.stopped:
+                event.text += seq.text.flush()
+            event.tokens += self._release(seq, final=True)
+        event.finish_reason = reason
+        seq.finished = True
+        seq.on_event(event)
+
+    def _drop_cancelled(self) -> None:
+        for seq in self._active:
+            if seq.cancelled and not seq.finished:
+                seq.finished = True
+                seq.on_event(Event(finish_reason="cancelled"))
+        self._compact()
+
+    def _compact(self) -> None:
+        """Finished sequences leave their slots; the last active ones move into the gaps."""
+        slot = 0
+        while slot < len(self._active):
+            if not self._active[slot].finished:
+                slot += 1
+                continue
+            last = len(self._active) - 1
+            if slot != last:
+                n = self._active[last].length
+                for keys, values in zip(self._keys, self._values, strict=True):
+                    keys[slot, :, :n] = keys[last, :, :n]
+                    values[slot, :, :n] = values[last, :, :n]
+                self._active[slot] = self._active[last]
+            self._active.pop()
+
