@@ -409,3 +409,13 @@ def test_bindings_and_cors_are_off_by_default(live):
 
 
 
+
+
+def test_serve_without_its_extra_says_how_to_install_it(monkeypatch, capsys):
+    import sys
+
+    from gpt2lab.cli import main
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if `pip install gpt2lab` without [serve]
+    assert main(["serve", "anything"]) == 2
+    assert "pip install 'gpt2lab[serve]'" in capsys.readouterr().err

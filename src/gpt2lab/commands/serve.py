@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
 from pathlib import Path
 
 from ..errors import ConfigError, GPT2LabError
@@ -74,9 +75,19 @@ def serve(model: Model, /, *, host: str = "127.0.0.1", port: int = 8000, mode: M
     where = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     print(f"gpt2lab serve: {name} ({mode}) on {where} - playground at /, API at /v1"
           f"{', API key required' if key else ''}; Ctrl-C stops", file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace,
+    # On Ctrl-C or SIGTERM uvicorn stops accepting and waits for open connections; after `grace`
+    # seconds the engine ends what still runs, so each stream gets an error event and [DONE]
+    # before uvicorn's own deadline would cut the connections.
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace + 5,
                             lifespan="on")
-    uvicorn.Server(config).run()
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: object) -> None:
+            if not self.should_exit:
+                threading.Timer(grace, engine.stop).start()
+            super().handle_exit(sig, frame)
+
+    Server(config).run()
     engine.stop()
 
 
