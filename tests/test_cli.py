@@ -172,6 +172,12 @@ def test_a_repeated_list_option_keeps_every_value_and_replaces_the_default():
     assert targets("--lora.targets=c_fc", "--lora.targets", "c_attn") == ("c_fc", "c_attn")
     call = parse(["generate", "m", "--prompt", "a", "--stop", "x", "--prompt", "b", "c", "--stop=y"])
     assert call.keywords["prompt"] == ["a", "b", "c"] and call.keywords["config"].stop == ("x", "y")
+    # Values may start with a dash; a value ends at the next option the command knows.
+    call = parse(["generate", "m", "--prompt", "a", "--prompt", "-1", "-x", "--stop=--", "--stop", "-5", "--greedy"])
+    assert call.keywords["prompt"] == ["a", "-1", "-x"] and call.keywords["config"].stop == ("--", "-5")
+    assert call.keywords["config"].greedy is True
+    with pytest.raises(UsageError, match="--prompt needs a value"):
+        parse(["generate", "m", "--prompt", "--greedy"])
 
 
 def test_nested_options_and_a_config_file_with_the_command_line_winning(tmp_path):
@@ -186,11 +192,15 @@ def test_nested_options_and_a_config_file_with_the_command_line_winning(tmp_path
     assert call.keywords["merge"] is False and call.args == ("m",)
     generation = tmp_path / "gen.yaml"
     generation.write_text("temperature: 0\nprompt: [a, b]\nstop: ['\\n']\njson: true\n")
+    run.write_text("# nothing but a comment\n")
+    empty = parse(["finetune", "m", "--data", "d", "--out", "o", "--config", str(run)])
+    assert empty.keywords["config"].max_steps == 200
     call = parse(["generate", "m", f"--config={generation}", "--prompt", "c"])
     assert call.keywords["prompt"] == ["c"] and call.keywords["as_json"] is True
     assert call.keywords["config"].temperature == 0 and call.keywords["config"].stop == ("\\n",)
     for bad, message in [("- a\n", "mapping"), ("bogus: 1\n", "--bogus"), ("lr: [\n", "YAML"),
-                         ("lora: {rank: x}\n", "--lora.rank"), ("prompt: []\n", "empty list")]:
+                         ("lora: {rank: x}\n", "--lora.rank"), ("prompt: []\n", "empty list"),
+                         ("no_merge: true\n", "merge: false"), ("max_steps: x\n", f"--config {run}")]:
         run.write_text(bad)
         with pytest.raises(UsageError, match=re.escape(message)):
             parse(["finetune", "m", "--data", "d", "--out", "o", "--config", str(run)])

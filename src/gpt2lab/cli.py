@@ -22,11 +22,11 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-from .errors import ConfigError, GPT2LabError, Stopped
+from .argv import Option, UsageError, options, set_lists, take_lists, with_config_file
+from .errors import GPT2LabError, Stopped
 
 PROG = "gpt2lab"
 DESCRIPTION = ("Train, fine-tune, run, evaluate and serve GPT-2. Every command also takes --config FILE: "
@@ -121,19 +121,16 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-class UsageError(ConfigError):
-    """The command line (or its --config file) does not fit the command: tyro's message, on one line."""
-
-
 def parse(argv: list[str]) -> Callable[[], Any]:
     """The command argv names, with its arguments bound: call it to run the command.
     `--help` prints the help and exits 0; a command line that does not fit raises UsageError."""
     from tyro.extras import SubcommandApp
 
     name = _selected(argv)
-    argv = _with_config_file(argv, name)
+    argv, config_file = with_config_file(argv, name)
+    lists: dict[Option, list[str]] = {}
     if name is not None:
-        argv = _merge_repeats(argv, _list_options(resolve_command(name)))
+        argv, lists = take_lists(argv, options(resolve_command(name)))
     app, groups = SubcommandApp(), {}
     for command in [name] if name else COMMANDS:
         *group, leaf = command.split()
@@ -149,11 +146,15 @@ def parse(argv: list[str]) -> Callable[[], Any]:
         with contextlib.redirect_stderr(errors):
             # tyro calls the command function it chose; _deferred makes that call return the bound
             # command instead of running it, so that only parsing happens with stderr captured.
-            return app.cli(prog=PROG, description=DESCRIPTION, args=argv)
+            call = app.cli(prog=PROG, description=DESCRIPTION, args=argv)
     except SystemExit as e:
         if e.code in (0, None):
             raise
-        raise UsageError(_usage_message(errors.getvalue(), name)) from None
+        where = name or (argv[0] if argv and argv[0] in GROUPS else None)
+        message = _usage_message(errors.getvalue(), where)
+        raise UsageError(message + (f" (with the options of --config {config_file})" if config_file else "")) from None
+    set_lists(call.keywords, lists, call.func)
+    return call
 
 
 def _deferred(func: Callable[..., Any]) -> Callable[..., Callable[[], Any]]:
@@ -165,25 +166,34 @@ def _deferred(func: Callable[..., Any]) -> Callable[..., Callable[[], Any]]:
 
 
 _BORDER = set("╭╮╰╯─━┏┓┗┛+-=│┃| ")
-_GENERIC = r"(Value error|Required options|Invalid choice|Unrecognized options)"  # titles the text repeats
+_GENERIC = r"(Value error|Required options|Invalid choice|Unrecognized options|Missing argument)"  # repeated below
+_HELP_INDENT = 8  # in tyro's boxes an argument's help text is indented this far: left to --help
 
 
 def _usage_message(text: str, command: str | None = None) -> str:
     """tyro's error (a box on a terminal, ruled sections when piped) as one line: what is wrong, and
-    where the help is. Its first line is the title; an argument's help text after it is left to --help."""
-    lines = [line.strip().strip("╭╮╰╯─━┏┓┗┛+-│┃| ") for line in text.splitlines()
-             if line.strip() and not set(line.strip()) <= _BORDER]
+    where the help is. Its first line is the title."""
     words, see = [], False
-    for n, line in enumerate(lines):
-        if line.startswith(("Argument helptext", "For full helptext")):
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or set(line) <= _BORDER:
+            continue
+        if not words:  # the title: box corners and rules around it
+            words.append(line.strip("╭╮╰╯─━┏┓┗┛+- ") + ":")
+            continue
+        body = line.strip("│┃|").rstrip()
+        if body.strip().startswith(("Argument helptext", "For full helptext")):
             see = True
             break
-        words.append(f"{line}:" if n == 0 else line)
-    message = _one_line(" ".join(words))
-    message = re.sub(rf"^{_GENERIC}: ", "", message)
+        if len(body) - len(body.lstrip()) > _HELP_INDENT:
+            continue
+        words.append(body.strip())
+    message = re.sub(rf"^{_GENERIC}: ", "", " ".join(" ".join(words).split()))
     # A nested config's check reads "Error parsing __tyro-dummy-inner__.config.lora: <gpt2lab's message>".
     message = re.sub(r"Error parsing [^\s:]*(config|__tyro)[^\s:]*: ", "", message) or "bad command line"
-    return f"{message} (see {PROG}{' ' + command if command else ''} --help)" if see else message
+    if len(message) > 300:
+        message = message[:297].rsplit(" ", 1)[0] + " ..."
+    return f"{message} (see {PROG}{' ' + command if command else ''} --help)" if see or command else message
 
 
 def _selected(argv: list[str]) -> str | None:
@@ -198,118 +208,6 @@ def _selected(argv: list[str]) -> str | None:
         if len(words) >= n and name in COMMANDS:
             return name
     return None
-
-
-def _list_options(func: Callable[..., Any]) -> set[str]:
-    """The --options of a command that take several values (`prompt`, `lora.targets`), as tyro names them."""
-    import dataclasses
-    import types
-    import typing
-
-    def walk(hints: dict[str, Any], prefix: str) -> Iterator[str]:
-        for name, hint in hints.items():
-            flag = name.replace("_", "-")
-            for extra in getattr(hint, "__metadata__", ()):  # Annotated[T, tyro.conf.arg(name=...)]
-                flag = getattr(extra, "name", None) if getattr(extra, "name", None) is not None else flag
-            hint = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
-            if typing.get_origin(hint) in (typing.Union, types.UnionType):
-                hint = next(a for a in typing.get_args(hint) if a is not type(None))
-            if dataclasses.is_dataclass(hint):
-                fields = typing.get_type_hints(hint, include_extras=True)
-                yield from walk(fields, f"{prefix}{flag}." if flag else prefix)
-            elif typing.get_origin(hint) in (list, tuple):
-                yield prefix + flag
-
-    hints = typing.get_type_hints(func, include_extras=True)
-    hints.pop("return", None)
-    return set(walk(hints, ""))
-
-
-def _merge_repeats(argv: list[str], lists: set[str]) -> list[str]:
-    """`--prompt A --prompt B` as `--prompt A B`: tyro would keep only the last use of a list option."""
-    segments: list[list[str]] = []
-    uses: dict[str, list[str]] = {}  # list option -> its segment: the flag and every value given
-    i = 0
-    while i < len(argv):
-        arg, i = argv[i], i + 1
-        name = arg[2:].partition("=")[0].replace("_", "-") if arg.startswith("--") else ""
-        if name not in lists:
-            segments.append([arg])
-            continue
-        values = [arg.partition("=")[2]] if "=" in arg else []
-        while "=" not in arg and i < len(argv) and not argv[i].startswith("-"):
-            values.append(argv[i])
-            i += 1
-        if not values:  # left as it was: tyro says what is missing
-            segments.append([arg])
-        elif name in uses:
-            uses[name] += values
-        else:
-            uses[name] = [f"--{name}", *values]
-            segments.append(uses[name])
-    return [arg for segment in segments for arg in segment]
-
-
-def _with_config_file(argv: list[str], name: str | None) -> list[str]:
-    """argv with `--config FILE`'s options in place of it: a YAML mapping of option names to values
-    (`lr: 3e-4`, `lora: {rank: 4}`, `prompt: [a, b]`). An option also given on the command line is
-    taken from there."""
-    uses = [i for i, arg in enumerate(argv) if arg == "--config" or arg.startswith("--config=")]
-    if not uses:
-        return argv
-    if len(uses) > 1:
-        raise UsageError("--config is given twice: give one options file")
-    i = uses[0]
-    path, drop = (argv[i].partition("=")[2], 1) if "=" in argv[i] else (argv[i + 1] if i + 1 < len(argv) else "", 2)
-    if not path:
-        raise UsageError("--config needs a file: --config run.yaml")
-    if name is None:
-        raise UsageError("--config goes after a command: gpt2lab train --config run.yaml")
-    rest = argv[:i] + argv[i + drop:]
-    given = {_flag_name(arg) for arg in rest if arg.startswith("--")}
-    return rest + _config_options(_read_config(Path(path)), given)
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    import yaml
-
-    try:
-        options = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise UsageError(f"cannot read --config {path}: {e.strerror or e}") from None
-    except (UnicodeDecodeError, yaml.YAMLError) as e:
-        raise UsageError(f"--config {path} is not a YAML file: {_one_line(str(e))}") from None
-    if not isinstance(options, dict):
-        raise UsageError(f"--config {path} must hold a mapping of option names to values (lr: 3e-4), "
-                         f"not {type(options).__name__}")
-    return options
-
-
-def _flag_name(arg: str) -> str:
-    """`--lora.no-x=1` -> `lora.x`: the option an argument sets, in the form _config_options makes."""
-    *prefix, leaf = arg[2:].partition("=")[0].replace("_", "-").split(".")
-    return ".".join([*prefix, leaf.removeprefix("no-")])
-
-
-def _config_options(options: dict[str, Any], given: set[str], prefix: str = "") -> list[str]:
-    tokens: list[str] = []
-    for key, value in options.items():
-        name = prefix + str(key).replace("_", "-")
-        if isinstance(value, dict):
-            tokens += _config_options(value, given, f"{name}.")
-        elif name in given:
-            continue
-        elif isinstance(value, bool):
-            head, _, leaf = name.rpartition(".")
-            tokens.append(f"--{name}" if value else f"--{head}{'.' if head else ''}no-{leaf}")
-        elif isinstance(value, list | tuple):
-            if not value:
-                raise UsageError(f"--config: {key} is an empty list; leave it out to keep the default")
-            for item in value:
-                tokens += [f"--{name}", str(item)]
-        else:
-            tokens += [f"--{name}", "None" if value is None else str(value)]
-    return tokens
 
 
 if __name__ == "__main__":

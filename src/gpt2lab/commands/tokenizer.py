@@ -92,9 +92,9 @@ def train_tokenizer(files: Files = None, *, vocab_size: int = 50257, out: str | 
     """Learn a byte-level BPE vocabulary with GPT-2's pre-tokenization from text files.
 
     Args:
-        files: UTF-8 text files to learn from (read in chunks: any size works)
+        files: UTF-8 text files to learn from, required (read in chunks: any size works)
         vocab_size: ids in the result: 256 bytes + merges + <|endoftext|> (the last id)
-        out: a new or empty folder to write encoder.json, vocab.bpe and gpt2lab's tokenizer.json into
+        out: required: a new or empty folder to write encoder.json, vocab.bpe and gpt2lab's tokenizer.json into
         min_frequency: a pair must occur this often to be merged
         force: replace the tokenizer that gpt2lab wrote to --out before (never a folder holding other files)
     """
