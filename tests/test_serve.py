@@ -402,10 +402,18 @@ def test_metrics_are_prometheus_text(live, client):
         assert name in text, name
 
 
-def test_bindings_and_cors_are_off_by_default(live):
-    r = httpx.options(f"{live.url}/v1/completions", headers={"Origin": "http://evil.example",
-                                                             "Access-Control-Request-Method": "POST"})
+def test_cors_is_off_unless_origins_are_listed(live, gen):
+    ask = {"Origin": "http://ok.example", "Access-Control-Request-Method": "POST"}
+    r = httpx.options(f"{live.url}/v1/completions", headers=ask)
     assert "access-control-allow-origin" not in r.headers
+    allowed = Live(gen, cors_origins=["http://ok.example"])
+    try:
+        r = httpx.options(f"{allowed.url}/v1/completions", headers=ask)
+        assert r.headers["access-control-allow-origin"] == "http://ok.example"
+        r = httpx.options(f"{allowed.url}/v1/completions", headers=ask | {"Origin": "http://evil.example"})
+        assert r.headers.get("access-control-allow-origin") != "http://evil.example"
+    finally:
+        allowed.stop()
 
 
 

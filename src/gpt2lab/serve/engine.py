@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import random
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,7 +92,6 @@ class Seq:
         self.next_token: int | None = None  # sampled, not yet fed
         self.cancelled = False
         self.finished = False
-        self.submitted = time.perf_counter()
         seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator().manual_seed(seed)
 
