@@ -84,7 +84,9 @@ def serve(model: Model, /, *, host: str = "127.0.0.1", port: int = 8000, mode: M
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: object) -> None:
             if not self.should_exit:
-                threading.Timer(grace, engine.stop).start()
+                timer = threading.Timer(grace, engine.stop)
+                timer.daemon = True  # the process may end before it fires: nothing is left to stop then
+                timer.start()
             super().handle_exit(sig, frame)
 
     Server(config).run()
