@@ -427,3 +427,46 @@ def test_serve_without_its_extra_says_how_to_install_it(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if `pip install gpt2lab` without [serve]
     assert main(["serve", "anything"]) == 2
     assert "pip install 'gpt2lab[serve]'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "int8"])
+def test_batching_does_not_change_greedy_tokens_in_any_speed_mode(gen, mode):
+    import copy
+
+    from gpt2lab.quantize import prepare
+    from gpt2lab.serve.engine import Sampling, Seq
+
+    engine = Engine(prepare(copy.deepcopy(gen.model), mode), gen.tokenizer, max_batch=16).start()
+    prompts = [gen.tokenizer.encode(f"Client {i} asks about " + "word " * (i % 7)) for i in range(12)]
+
+    def run(batch: list[list[int]]) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in batch]
+        left = threading.Semaphore(0)
+
+        def listener(i):
+            def on_event(event):
+                out[i] += [t.id for t in event.tokens]
+                if event.finish_reason:
+                    left.release()
+            return on_event
+
+        engine.submit([Seq(p, Sampling(max_tokens=24, temperature=0, stop_at_eot=False), listener(i))
+                       for i, p in enumerate(batch)])
+        for _ in batch:
+            assert left.acquire(timeout=60)
+        return out
+
+    try:
+        alone = [run([p])[0] for p in prompts]
+        assert run(prompts) == alone  # prefilled together, decoded side by side: the same tokens
+    finally:
+        engine.stop()
+
+
+def test_ignore_eos_goes_on_past_endoftext(client):
+    forced = {"50256": 100}
+    r = client.completions.create(model="tiny", prompt="x", max_tokens=5, logit_bias=forced, temperature=0)
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].text == "" and r.usage.completion_tokens == 0
+    r = client.completions.create(model="tiny", prompt="x", max_tokens=5, logit_bias=forced, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5

@@ -222,7 +222,7 @@ class Server:
                         top_k=max(req.top_k, 0), repetition_penalty=req.repetition_penalty,
                         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                         logit_bias=tuple(bias), seed=req.seed, stop=stops(req.stop), logprobs=logprobs,
-                        prompt_logprobs=prompt_logprobs)
+                        prompt_logprobs=prompt_logprobs, stop_at_eot=not req.ignore_eos)
 
     def start(self, prompts: list[list[int]], samplings: list[Sampling], n: int, *, echo: bool,
               logprobs: bool) -> tuple[Job, list[Choice]]:

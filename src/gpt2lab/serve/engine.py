@@ -3,9 +3,10 @@
 Sequences join the running batch between decode steps and leave it when they finish, each with
 its own sampling, position and stop rules. The batch lives in a KV cache of `max_batch` slots:
 active sequences hold slots 0..B-1 (a finished one's slot is filled by moving the last one in),
-so one decode step attends over a view of the cache, never a copy. A new sequence is prefilled
-alone, so what it computes does not depend on what else is running; a decode step masks each row
-to its own positions. Sampling is per sequence (its own generator when seeded), after the model.
+so one decode step attends over a view of the cache, never a copy, each row masked to its own
+positions. New sequences are prefilled together, right-padded, so that no real token attends to
+padding; attention runs in float32 over a float32 cache, so a row's result does not depend on its
+neighbours' lengths. Sampling is per sequence (its own generator when seeded), after the model.
 
 The engine thread is the only one that touches the model. Other threads submit sequences and
 cancel them; a cancelled sequence leaves the batch before the next decode step.
@@ -23,11 +24,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..generate import apply_repetition_penalty, apply_temperature, top_k_filter, top_p_filter
 from ..model import GPT
 from ..stoptext import StopText
+from .sampling import choose
 
 Top = list[tuple[int, float]]
+PREFILL_TOKENS = 4096  # prompt tokens prefilled in one batch (more wait for the next step)
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ class Engine:
         cfg = model.config
         self.n_ctx, self.n_head, self.head_dim = cfg.n_ctx, cfg.n_head, cfg.head_dim
         ref = model.transformer.ln_f.weight  # the activations' dtype and device (weights may be int8)
-        self.dtype, self.device = ref.dtype, ref.device
+        self.device = ref.device
         self._keys: list[torch.Tensor] = []  # per layer (max_batch, nh, length, hs)
         self._values: list[torch.Tensor] = []
         self._waiting: collections.deque[Seq] = collections.deque()
@@ -187,56 +189,87 @@ class Engine:
                     pass
 
     def _admit(self) -> None:
-        """Prefill waiting sequences into free slots (a group's prompt once)."""
-        shared: dict[int, tuple[int, torch.Tensor, list[Token] | None]] = {}
-        while len(self._active) < self.max_batch:
+        """Move waiting sequences into free slots: their prompts prefilled together (a group's once),
+        their first tokens chosen."""
+        new: list[Seq] = []
+        budget = PREFILL_TOKENS
+        while len(self._active) + len(new) < self.max_batch:
             with self._wake:
-                if not self._waiting:
-                    return
+                if not self._waiting or (new and len(self._waiting[0].prompt) > budget):
+                    break
                 seq = self._waiting.popleft()
             if seq.cancelled:
                 seq.finished = True
                 continue
-            try:
-                self._start(seq, shared)
-            except Exception as e:  # this sequence fails alone (e.g. out of memory); the batch goes on
+            new.append(seq)
+            budget -= len(seq.prompt)
+        if not new:
+            return
+        try:
+            self._prefill(new)
+        except Exception as e:  # these sequences fail (e.g. out of memory); the running batch goes on
+            self._active = [s for s in self._active if s not in new]
+            for seq in new:
                 if not seq.finished:
                     seq.finished = True
                     seq.on_event(Event(finish_reason="error", error=f"{type(e).__name__}: {e}"))
         self._compact()
 
-    def _start(self, seq: Seq, shared: dict[int, tuple[int, torch.Tensor, list[Token] | None]]) -> None:
-        """Put `seq` in the next free slot, prefilled, with its first token chosen."""
-        slot = len(self._active)
-        self._reserve(len(seq.prompt) + seq.sampling.max_tokens)
-        key = id(seq.group) if seq.group is not None else None
-        if key is not None and key in shared:  # the group's prompt is in the cache already: copy it
-            source, logits, prompt = shared[key]
-            n = len(seq.prompt)
-            for keys, values in zip(self._keys, self._values, strict=True):
-                keys[slot, :, :n], values[slot, :, :n] = keys[source, :, :n], values[source, :, :n]
-        else:
-            logits, prompt = self._prefill(seq, slot)
-            if key is not None:
-                shared[key] = (slot, logits, prompt)
-        seq.length = len(seq.prompt)
-        self._active.append(seq)
-        if seq.sampling.max_tokens == 0:
-            self._finish(seq, "length", Event(prompt=prompt))
-        else:
-            self._emit(seq, self._choose(seq, logits), prompt)
+    def _prefill(self, new: list[Seq]) -> None:
+        """Run the new sequences' prompts through the model as one right-padded batch (causal attention:
+        padding comes after every real token, so no real token sees it) into their slots."""
+        first = len(self._active)
+        self._active += new
+        for seq in new:
+            seq.length = len(seq.prompt)
+        self._reserve(max(len(s.prompt) + s.sampling.max_tokens for s in new))
+        leaders: dict[object, Seq] = {}  # a group's first sequence is prefilled; the others copy its cache
+        rows = []
+        for seq in new:
+            if seq.group is None or seq.group not in leaders:
+                rows.append(seq)
+                if seq.group is not None:
+                    leaders[seq.group] = seq
+        width = max(len(s.prompt) for s in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        for r, seq in enumerate(rows):
+            ids[r, :len(seq.prompt)] = torch.tensor(seq.prompt)
+        slots = [self._active.index(seq) for seq in rows]
+        positions = torch.arange(width, device=self.device).expand(len(rows), width)
+        hidden = self._forward(ids.to(self.device), positions, slots=slots)  # (R, W, C)
+        last = torch.stack([hidden[r, len(seq.prompt) - 1] for r, seq in enumerate(rows)])
+        logits = {id(seq): row for seq, row in zip(rows, self.model.lm_head(last), strict=True)}
+        prompts = {id(seq): self._score_prompt(seq, hidden[r]) for r, seq in enumerate(rows)}
+        for slot, seq in enumerate(new, start=first):
+            leader = leaders.get(seq.group, seq)
+            if leader is not seq:
+                source, n = self._active.index(leader), len(seq.prompt)
+                for keys, values in zip(self._keys, self._values, strict=True):
+                    keys[slot, :, :n], values[slot, :, :n] = keys[source, :, :n], values[source, :, :n]
+        starting = [seq for seq in new if seq.sampling.max_tokens > 0]
+        for seq in new:
+            if seq.sampling.max_tokens == 0:
+                self._finish(seq, "length", Event(prompt=prompts[id(leaders.get(seq.group, seq))]))
+        if starting:
+            rows_logits = torch.stack([logits[id(leaders.get(s.group, s))]
+                                       for s in starting])
+            for seq, choice in zip(starting, choose(starting, rows_logits), strict=True):
+                self._emit(seq, choice, prompts[id(leaders.get(seq.group, seq))])
 
-    def _prefill(self, seq: Seq, slot: int) -> tuple[torch.Tensor, list[Token] | None]:
-        ids = torch.tensor([seq.prompt], device=self.device)
-        positions = torch.arange(len(seq.prompt), device=self.device)[None]
-        hidden = self._forward(ids, positions, slot=slot)  # (1, T, C)
-        prompt = None
-        if seq.sampling.prompt_logprobs:
-            logp = self.model.lm_head(hidden[0]).float().log_softmax(-1)  # (T, V): position i predicts i + 1
-            prompt = [Token(seq.prompt[0], None, None)]
-            for i, tok in enumerate(seq.prompt[1:]):
-                prompt.append(Token(tok, logp[i, tok].item(), self._top(logp[i], seq.sampling.logprobs)))
-        return self.model.lm_head(hidden[0, -1]), prompt
+    def _score_prompt(self, seq: Seq, hidden: torch.Tensor) -> list[Token] | None:
+        """The prompt's tokens with their logprobs (echo with logprobs): position i predicts token i + 1."""
+        if not seq.sampling.prompt_logprobs:
+            return None
+        T = len(seq.prompt)
+        logp = self.model.lm_head(hidden[:T - 1]).float().log_softmax(-1)  # (T - 1, V)
+        chosen = logp.gather(1, torch.tensor(seq.prompt[1:], device=logp.device)[:, None])[:, 0].tolist()
+        n = seq.sampling.logprobs or 0
+        values, ids = torch.topk(logp, min(n, logp.size(-1)), dim=-1) if n else (None, None)
+        prompt = [Token(seq.prompt[0], None, None)]
+        for i, tok in enumerate(seq.prompt[1:]):
+            top = list(zip(ids[i].tolist(), values[i].tolist(), strict=True)) if n else []
+            prompt.append(Token(tok, chosen[i], top))
+        return prompt
 
     def _step(self) -> None:
         """One decode step for every active sequence."""
@@ -245,36 +278,40 @@ class Engine:
         self._reserve(max(s.length for s in self._active) + 1)
         logits = self.model.lm_head(self._forward(tokens, positions)[:, -1])  # (B, V)
         self.steps += 1
-        for seq, row in zip(list(self._active), logits, strict=True):
+        running = list(self._active)
+        for seq in running:
             seq.length += 1
+        for seq, choice in zip(running, choose(running, logits), strict=True):
             if not seq.finished:
-                self._emit(seq, self._choose(seq, row))
+                self._emit(seq, choice)
         self._compact()
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, *, slot: int | None = None) -> torch.Tensor:
-        """Hidden states (B, T, C) for `ids` at `positions`, reading and writing the KV cache: one
-        sequence's prompt into `slot`, or one new token for each of the first B slots."""
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, *, slots: list[int] | None = None) -> torch.Tensor:
+        """Hidden states (B, T, C) for `ids` at `positions`, reading and writing the KV cache: prompts
+        into `slots` (attending causally among themselves), or one new token for each of the first B
+        slots (each row attending to its own positions only). Attention runs in float32 over a float32
+        cache whatever the weights, so that a row's result does not depend on its neighbours' lengths."""
         tr = self.model.transformer
         B, T = ids.shape
         x = tr.wte(ids) + tr.wpe(positions)  # (B, T, C)
         C = x.size(-1)
-        mask = None
-        if slot is None:  # each row attends to its own positions only
+        if slots is None:
             span = int(positions.max()) + 1
             mask = (torch.arange(span, device=self.device)[None] <= positions)[:, None, None, :]  # (B, 1, 1, S)
             rows = torch.arange(B, device=self.device)
         for layer, block in enumerate(tr.h):
             attn = block.attn
-            q, k, v = attn.c_attn(block.ln_1(x)).split(C, dim=2)
+            q, k, v = attn.c_attn(block.ln_1(x)).float().split(C, dim=2)
             q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
             keys, values = self._keys[layer], self._values[layer]
-            if slot is not None:
-                keys[slot, :, :T], values[slot, :, :T] = k[0], v[0]
+            if slots is not None:
+                for r, slot in enumerate(slots):
+                    keys[slot, :, :T], values[slot, :, :T] = k[r], v[r]
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
             else:
                 keys[rows, :, positions[:, 0]], values[rows, :, positions[:, 0]] = k[:, :, 0], v[:, :, 0]
                 y = F.scaled_dot_product_attention(q, keys[:B, :, :span], values[:B, :, :span], attn_mask=mask)
-            x = x + attn.c_proj(y.transpose(1, 2).reshape(B, T, C))
+            x = x + attn.c_proj(y.transpose(1, 2).reshape(B, T, C).to(x.dtype))
             x = x + block.mlp(block.ln_2(x))
         return tr.ln_f(x)
 
@@ -286,51 +323,13 @@ class Engine:
             return
         new = min(self.n_ctx, max(length, 2 * have, 64))
         shape = (self.max_batch, self.n_head, new, self.head_dim)
-        keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.model.transformer.h]
-        values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.model.transformer.h]
+        keys = [torch.zeros(shape, device=self.device) for _ in self.model.transformer.h]  # float32: see _forward
+        values = [torch.zeros(shape, device=self.device) for _ in self.model.transformer.h]
         for old, fresh in zip(self._keys + self._values, keys + values, strict=False):  # none the first time
             fresh[:, :, :have] = old
         self._keys, self._values = keys, values
 
     # -- sampling and results ------------------------------------------------------------------
-
-    def _choose(self, seq: Seq, logits: torch.Tensor) -> tuple[int, float | None, Top | None]:
-        """The next token of `seq` from its last logits (V,), with its logprob and top alternatives."""
-        s = seq.sampling
-        raw = logits.float()
-        logp = raw.log_softmax(-1) if s.logprobs is not None else None
-        x = raw
-        if s.logit_bias:
-            ids, bias = zip(*s.logit_bias, strict=True)
-            x = x.clone()
-            x[list(ids)] += torch.tensor(bias)
-        if (s.presence_penalty or s.frequency_penalty) and seq.counts:
-            ids, counts = zip(*seq.counts.items(), strict=True)
-            counts_t = torch.tensor(counts, dtype=torch.float32)
-            x = x.clone()
-            x[list(ids)] -= counts_t * s.frequency_penalty + s.presence_penalty
-        if s.repetition_penalty != 1.0:
-            seen = torch.zeros_like(x, dtype=torch.bool)
-            seen[seq.prompt + seq.generated] = True
-            x = apply_repetition_penalty(x[None], seen[None], s.repetition_penalty)[0]
-        if s.temperature == 0:
-            token = int(x.argmax())
-        else:
-            x = apply_temperature(x - x.max(), s.temperature)[None]
-            if s.top_k > 0:
-                x = top_k_filter(x, s.top_k)
-            x = top_p_filter(x, s.top_p)
-            token = int(torch.multinomial(x[0].softmax(-1), 1, generator=seq.generator))
-        if logp is None:
-            return token, None, None
-        return token, logp[token].item(), self._top(logp, s.logprobs)
-
-    @staticmethod
-    def _top(logp: torch.Tensor, n: int | None) -> Top | None:
-        if not n:
-            return [] if n == 0 else None
-        values, ids = torch.topk(logp, min(n, logp.numel()))
-        return list(zip(ids.tolist(), values.tolist(), strict=True))
 
     def _emit(self, seq: Seq, choice: tuple[int, float | None, Top | None], prompt: list[Token] | None = None) -> None:
         """Record a sampled token: release what text is final, and finish the sequence if it is done."""

@@ -58,6 +58,7 @@ class Sampled(BaseModel):
     # Extensions (as vLLM has them)
     top_k: Annotated[StrictInt, Field(ge=-1)] = 0
     repetition_penalty: Annotated[Number, Field(gt=0)] = 1.0
+    ignore_eos: StrictBool = False  # go on past <|endoftext|> (benchmarks: always max_tokens tokens)
 
 
 class CompletionRequest(Sampled):
