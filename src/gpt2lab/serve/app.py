@@ -15,7 +15,7 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any
 
@@ -167,11 +167,10 @@ class Server:
         self.vocab_size = engine.model.config.vocab_size
         self.metrics = Metrics(engine)
         self.streams = 0
-        self.chat = None
+        self.chat_source, self.chat = chat_template, None
         if chat_template is not None:
             from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-            self.chat_source = chat_template
             self.chat = ImmutableSandboxedEnvironment().from_string(chat_template)
 
     # -- requests into sequences --
@@ -235,9 +234,9 @@ class Server:
             text = self.tokenizer.decode(ids)
             context = ids or [self.engine.eot_id]  # an empty prompt starts from <|endoftext|>, not echoed
             for i in range(n):
-                seeded = sampling if sampling.seed is None else _replace(sampling, seed=sampling.seed + i)
+                seeded = sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + i)
                 if not ids:
-                    seeded = _replace(seeded, prompt_logprobs=False)
+                    seeded = replace(seeded, prompt_logprobs=False)
                 index = p * n + i
                 # text_offset counts from the prompt's start, echoed or not (as OpenAI's does)
                 tracker = Logprobs(self.tokenizer, 0 if echo else len(text)) if logprobs else None
@@ -279,12 +278,6 @@ class Server:
                            "serve /v1/chat/completions, or use /v1/completions", param="messages")
         messages = [m.model_dump() for m in req.messages]
         return self.chat.render(messages=messages, add_generation_prompt=True)
-
-
-def _replace(sampling: Sampling, **changes: Any) -> Sampling:
-    from dataclasses import replace
-
-    return replace(sampling, **changes)
 
 
 def _response_id(prefix: str) -> str:
@@ -391,7 +384,7 @@ def _routes(app: FastAPI, server: Server) -> None:
     async def tokenizer_info() -> dict[str, Any]:
         eot = "<|endoftext|>"
         return {"tokenizer_class": "GPT2Tokenizer", "eos_token": eot, "bos_token": eot, "pad_token": None,
-                "unk_token": eot, "chat_template": getattr(server, "chat_source", None),
+                "unk_token": eot, "chat_template": server.chat_source,
                 "model_max_length": server.n_ctx, "vocab_size": server.vocab_size}
 
     @app.post("/tokenize")
@@ -411,6 +404,10 @@ def _routes(app: FastAPI, server: Server) -> None:
             raise APIError(400, f"tokens must be a list of token ids 0..{server.vocab_size - 1}", param="tokens")
         return {"prompt": server.tokenizer.decode(ids)}
 
+    _completion_routes(app, server)
+
+
+def _completion_routes(app: FastAPI, server: Server) -> None:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         req = parse(await _body(request, server.limits.max_body_bytes), CompletionRequest)
