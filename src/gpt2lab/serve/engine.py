@@ -4,9 +4,8 @@ Sequences join the running batch between decode steps and leave it when they fin
 its own sampling, position and stop rules. The batch lives in a KV cache of `max_batch` slots:
 active sequences hold slots 0..B-1 (a finished one's slot is filled by moving the last one in),
 so one decode step attends over a view of the cache, never a copy, each row masked to its own
-positions. New sequences are prefilled together, right-padded, so that no real token attends to
-padding; attention runs in float32 over a float32 cache, so a row's result does not depend on its
-neighbours' lengths. Sampling is per sequence (its own generator when seeded), after the model.
+positions. New sequences are prefilled together. A row's result does not depend on its
+neighbours, to the bit (see _forward). Sampling is per sequence (its own generator when seeded).
 
 The engine thread is the only one that touches the model. Other threads submit sequences and
 cancel them; a cancelled sequence leaves the batch before the next decode step.
@@ -236,7 +235,8 @@ class Engine:
             ids[r, :len(seq.prompt)] = torch.tensor(seq.prompt)
         slots = [self._active.index(seq) for seq in rows]
         positions = torch.arange(width, device=self.device).expand(len(rows), width)
-        hidden = self._forward(ids.to(self.device), positions, slots=slots)  # (R, W, C)
+        hidden = self._forward(ids.to(self.device), positions, slots=slots,
+                               lengths=[len(seq.prompt) for seq in rows])  # (R, W, C)
         last = torch.stack([hidden[r, len(seq.prompt) - 1] for r, seq in enumerate(rows)])
         logits = {id(seq): row for seq, row in zip(rows, self.model.lm_head(last), strict=True)}
         prompts = {id(seq): self._score_prompt(seq, hidden[r]) for r, seq in enumerate(rows)}
@@ -286,31 +286,37 @@ class Engine:
                 self._emit(seq, choice)
         self._compact()
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, *, slots: list[int] | None = None) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, *, slots: list[int] | None = None,
+                 lengths: list[int] | None = None) -> torch.Tensor:
         """Hidden states (B, T, C) for `ids` at `positions`, reading and writing the KV cache: prompts
-        into `slots` (attending causally among themselves), or one new token for each of the first B
-        slots (each row attending to its own positions only). Attention runs in float32 over a float32
-        cache whatever the weights, so that a row's result does not depend on its neighbours' lengths."""
+        of `lengths` into `slots`, or one new token for each of the first B slots.
+
+        Batching must not change a row's result, to the bit: the linear layers compute each row
+        alone whatever the batch, and attention runs row by row over that row's own positions only
+        (a padded, masked batch would round differently with its neighbours' lengths, and in bf16 a
+        last-bit difference is enough to change a greedy token)."""
         tr = self.model.transformer
         B, T = ids.shape
         x = tr.wte(ids) + tr.wpe(positions)  # (B, T, C)
         C = x.size(-1)
-        if slots is None:
-            span = int(positions.max()) + 1
-            mask = (torch.arange(span, device=self.device)[None] <= positions)[:, None, None, :]  # (B, 1, 1, S)
-            rows = torch.arange(B, device=self.device)
+        spans = [int(p) + 1 for p in positions[:, 0]] if slots is None else lengths
+        assert spans is not None
+        rows = torch.arange(B, device=self.device)
         for layer, block in enumerate(tr.h):
             attn = block.attn
             q, k, v = attn.c_attn(block.ln_1(x)).float().split(C, dim=2)
             q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
             keys, values = self._keys[layer], self._values[layer]
-            if slots is not None:
-                for r, slot in enumerate(slots):
+            y = torch.zeros_like(q)
+            if slots is not None:  # prompts: causal attention within each one
+                for r, (slot, n) in enumerate(zip(slots, spans, strict=True)):
                     keys[slot, :, :T], values[slot, :, :T] = k[r], v[r]
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
-            else:
+                    y[r, :, :n] = F.scaled_dot_product_attention(q[r:r + 1, :, :n], k[r:r + 1, :, :n],
+                                                                 v[r:r + 1, :, :n], is_causal=n > 1)[0]
+            else:  # one token per row, after that row's cached positions
                 keys[rows, :, positions[:, 0]], values[rows, :, positions[:, 0]] = k[:, :, 0], v[:, :, 0]
-                y = F.scaled_dot_product_attention(q, keys[:B, :, :span], values[:B, :, :span], attn_mask=mask)
+                for r, n in enumerate(spans):
+                    y[r] = F.scaled_dot_product_attention(q[r:r + 1], keys[r:r + 1, :, :n], values[r:r + 1, :, :n])[0]
             x = x + attn.c_proj(y.transpose(1, 2).reshape(B, T, C).to(x.dtype))
             x = x + block.mlp(block.ln_2(x))
         return tr.ln_f(x)
