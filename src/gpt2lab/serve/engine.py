@@ -29,6 +29,7 @@ from .sampling import choose
 
 Top = list[tuple[int, float]]
 PREFILL_TOKENS = 4096  # prompt tokens prefilled in one batch (more wait for the next step)
+WIDTH_STEP = 64  # a decoded token attends over its length rounded up to this (see Engine._forward)
 
 
 @dataclass(frozen=True)
@@ -292,9 +293,11 @@ class Engine:
         of `lengths` into `slots`, or one new token for each of the first B slots.
 
         Batching must not change a row's result, to the bit: the linear layers compute each row
-        alone whatever the batch, and attention runs row by row over that row's own positions only
-        (a padded, masked batch would round differently with its neighbours' lengths, and in bf16 a
-        last-bit difference is enough to change a greedy token)."""
+        alone whatever the batch (fp32 and int8 here; see the serving guide for bf16), and a row's
+        attention depends only on its own length: a prompt attends alone, and a decoded token
+        attends over its own length rounded up to WIDTH_STEP, masked, beside only the rows of that
+        width. (Masked up to the longest neighbour, a row would round differently with its
+        neighbours' lengths; in low precision one last bit is enough to change a greedy token.)"""
         tr = self.model.transformer
         B, T = ids.shape
         x = tr.wte(ids) + tr.wpe(positions)  # (B, T, C)
@@ -302,6 +305,7 @@ class Engine:
         spans = [int(p) + 1 for p in positions[:, 0]] if slots is None else lengths
         assert spans is not None
         rows = torch.arange(B, device=self.device)
+        groups = self._width_groups(spans) if slots is None else []
         for layer, block in enumerate(tr.h):
             attn = block.attn
             q, k, v = attn.c_attn(block.ln_1(x)).float().split(C, dim=2)
@@ -315,11 +319,29 @@ class Engine:
                                                                  v[r:r + 1, :, :n], is_causal=n > 1)[0]
             else:  # one token per row, after that row's cached positions
                 keys[rows, :, positions[:, 0]], values[rows, :, positions[:, 0]] = k[:, :, 0], v[:, :, 0]
-                for r, n in enumerate(spans):
-                    y[r] = F.scaled_dot_product_attention(q[r:r + 1], keys[r:r + 1, :, :n], values[r:r + 1, :, :n])[0]
+                for width, members, mask in groups:
+                    if members is None:  # every row in one width: a view of the cache
+                        y = F.scaled_dot_product_attention(q, keys[:B, :, :width], values[:B, :, :width],
+                                                           attn_mask=mask)
+                    else:
+                        y[members] = F.scaled_dot_product_attention(
+                            q[members], keys[members, :, :width], values[members, :, :width], attn_mask=mask)
             x = x + attn.c_proj(y.transpose(1, 2).reshape(B, T, C).to(x.dtype))
             x = x + block.mlp(block.ln_2(x))
         return tr.ln_f(x)
+
+    def _width_groups(self, spans: list[int]) -> list[tuple[int, torch.Tensor | None, torch.Tensor]]:
+        """(width, rows or None for all, mask) for each attention width among the rows' lengths."""
+        widths: dict[int, list[int]] = {}
+        for r, n in enumerate(spans):
+            widths.setdefault(min(-(-n // WIDTH_STEP) * WIDTH_STEP, self._keys[0].size(2)), []).append(r)
+        groups = []
+        for width, members in widths.items():
+            lengths = torch.tensor([spans[r] for r in members], device=self.device)
+            mask = (torch.arange(width, device=self.device)[None] < lengths[:, None])[:, None, None, :]  # (m, 1, 1, W)
+            whole = len(widths) == 1
+            groups.append((width, None if whole else torch.tensor(members, device=self.device), mask))
+        return groups
 
     def _reserve(self, length: int) -> None:
         """A KV cache with at least `length` positions (up to n_ctx) for max_batch slots; it grows by doubling."""
@@ -327,7 +349,7 @@ class Engine:
         have = self._keys[0].size(2) if self._keys else 0
         if have >= length:
             return
-        new = min(self.n_ctx, max(length, 2 * have, 64))
+        new = min(self.n_ctx, -(-max(length, 2 * have) // WIDTH_STEP) * WIDTH_STEP)  # whole widths
         shape = (self.max_batch, self.n_head, new, self.head_dim)
         keys = [torch.zeros(shape, device=self.device) for _ in self.model.transformer.h]  # float32: see _forward
         values = [torch.zeros(shape, device=self.device) for _ in self.model.transformer.h]
