@@ -8,9 +8,9 @@ does, so that the quality figures mean something), saved as a gpt2lab checkpoint
 a Hugging Face folder for the anchor, both with GPT-2's tokenizer. Every request is a short
 prompt from a pool of 16 + 64 new tokens, greedy, streamed through OpenAI's legacy Completions
 API (/v1/completions, which both servers serve). Random weights seldom emit <|endoftext|>, but
-to make every request exactly 64 tokens gpt2lab gets `logit_bias {"50256": -100}` (it has no
-ignore_eos) and transformers serve a per-request `generation_config` with `eos_token_id: -1`
-(its way of turning EOS off).
+to make every request exactly 64 tokens gpt2lab gets `logit_bias {"50256": -100}` and
+transformers serve a per-request `generation_config` with `eos_token_id: -1` (its way of turning
+EOS off).
 
 Each client sends its requests back to back (2 each); the 1-client run sends the pool's first 8
 prompts one at a time: it is the one-at-a-time baseline (the same requests as the concurrent runs,
