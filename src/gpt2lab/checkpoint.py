@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import files, lora
+from . import files, hub, lora
 from .config import GPTConfig
 from .errors import CheckpointError, TokenizerMismatch
 from .fetch import sha256_file
@@ -156,7 +156,10 @@ def adapter_folder(path: str | Path) -> Path | None:
 
 
 def resolve(path: str | Path) -> tuple[Path, Literal["gpt2lab", "hf"]]:
-    """The checkpoint folder that `path` names, and its format. A run folder gives its newest."""
+    """The checkpoint folder that `path` names, and its format. A run folder gives its newest;
+    a Hub name (`gpt2`, `owner/name[@revision]`) that is not a local path, its downloaded snapshot."""
+    if not Path(path).exists() and hub.is_hub_name(path):
+        path = hub.download(str(path))
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist: give a checkpoint folder, a run folder or an HF folder")
@@ -209,7 +212,8 @@ def load_config(path: str | Path) -> GPTConfig:
 
 def load_model(path: str | Path, *, dtype: torch.dtype | None = None,
                device: torch.device | str = "cpu", tokenizer: Tokenizer | None = None) -> GPT:
-    """Load a gpt2lab checkpoint, a training run's newest checkpoint, or an HF GPT-2 folder.
+    """Load a gpt2lab checkpoint, a training run's newest checkpoint, an HF GPT-2 folder, or a model
+    named on the Hugging Face Hub (`gpt2`, `owner/name[@revision]`; a local path of that name wins).
 
     The model is built on the meta device and the loaded tensors are assigned to it, so the
     weights are held in memory once. Returns the model in eval mode. Given a `tokenizer`, raises
@@ -264,7 +268,7 @@ def prompt_template(path: str | Path) -> str | None:
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer a model was trained with: a gpt2lab checkpoint's tokenizer/ record, an HF folder's
-    vocab.json + merges.txt, a run folder's newest checkpoint's, or a bare tokenizer folder.
+    vocab.json + merges.txt, a run folder's newest checkpoint's, a Hub model's, or a bare tokenizer folder.
     A checkpoint that records none was made with GPT-2's. A LoRA adapter gives its base's."""
     path = Path(path)
     if (adapter := adapter_folder(path)) is not None:
@@ -416,7 +420,7 @@ def _our_name(hf_key: str) -> str | None:
 def convert(src: str, dst: str, *, to: Literal["hf", "gpt2lab"] = "gpt2lab", force: bool = False) -> str:
     """Convert a checkpoint between gpt2lab's format and a Hugging Face GPT-2 folder.
 
-    src: a gpt2lab checkpoint, run folder, or HF folder
+    src: a gpt2lab checkpoint, run folder, HF folder, or Hub model name (gpt2, owner/name[@revision])
     dst: a new or empty folder to write
     to:  the format to write
     force: replace DST if it holds a checkpoint of this kind that gpt2lab wrote (never anything else)
@@ -435,7 +439,7 @@ def convert(src: str, dst: str, *, to: Literal["hf", "gpt2lab"] = "gpt2lab", for
 def info(path: str) -> dict[str, Any]:
     """Describe a checkpoint: format, config, parameter count and size on disk.
 
-    path: a gpt2lab checkpoint, run folder, HF folder, or LoRA adapter
+    path: a gpt2lab checkpoint, run folder, HF folder, LoRA adapter, or Hub model name (gpt2, owner/name)
     """
     if (adapter := adapter_folder(path)) is not None:
         config, meta = lora.read_adapter_config(adapter)

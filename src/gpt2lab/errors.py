@@ -9,6 +9,10 @@ class CheckpointError(GPT2LabError, ValueError):
     """A checkpoint folder or file is missing, corrupt, or does not match its config."""
 
 
+class HubError(CheckpointError):
+    """A model named on the Hugging Face Hub cannot be found, fetched, or used as GPT-2."""
+
+
 class FetchError(GPT2LabError, RuntimeError):
     """A pinned package could not be fetched or did not match its hash."""
 

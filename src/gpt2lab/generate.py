@@ -293,8 +293,8 @@ class Generator:
     @classmethod
     def load(cls, path: str | Path, *, mode: Mode = "fp32", compile: bool = False,
              device: str | torch.device = "auto") -> Generator:
-        """A Generator for a checkpoint, run or HF folder, with its tokenizer, in a speed mode, on a device
-        (a name for device.resolve_device: auto, cpu, cuda, cuda:N, mps)."""
+        """A Generator for a checkpoint, run or HF folder (or a Hub name, see gpt2lab.hub), with its tokenizer,
+        in a speed mode, on a device (a name for device.resolve_device: auto, cpu, cuda, cuda:N, mps)."""
         from .checkpoint import load_model, load_tokenizer
         from .quantize import prepare
 

@@ -14,7 +14,7 @@ def convert(src: Annotated[str, positional("SRC")], dst: Annotated[str, position
     """Convert a checkpoint between gpt2lab's format and a Hugging Face GPT-2 folder.
 
     Args:
-        src: a gpt2lab checkpoint, run folder, or HF folder
+        src: a gpt2lab checkpoint, run folder, HF folder, or Hub model name (gpt2, owner/name[@revision])
         dst: a new or empty folder to write
         to: the format to write
         force: replace DST if it holds a checkpoint of this kind that gpt2lab wrote (never anything else)
@@ -26,6 +26,6 @@ def info(path: Annotated[str, positional("PATH")], /) -> dict[str, Any]:
     """Describe a checkpoint: format, config, parameter count and size on disk.
 
     Args:
-        path: a gpt2lab checkpoint, run folder, HF folder, or LoRA adapter
+        path: a gpt2lab checkpoint, run folder, HF folder, LoRA adapter, or Hub model name (gpt2, owner/name)
     """
     return checkpoint.info(path)

@@ -29,7 +29,7 @@ def evaluate(model: Model, /, *, task: Task, data: str, stride: int | None = Non
     """Score a model: perplexity of a text file, or a zero-shot benchmark (LAMBADA, HellaSwag, BIG-bench).
 
     Args:
-        model: a gpt2lab checkpoint, a training run folder (its newest checkpoint) or a Hugging Face GPT-2 folder
+        model: a gpt2lab checkpoint, a run folder (its newest checkpoint), an HF GPT-2 folder, or a Hub name (gpt2)
         task: what to measure; the file format follows: text, LAMBADA jsonl, HellaSwag jsonl, BIG-bench task.json
         data: the task's file; for multiple-choice also bigbench:TASK (taken from the bigbench 1.0.0 sdist)
         stride: perplexity only: tokens between window starts (default n_ctx / 2)

@@ -29,7 +29,7 @@ def finetune(model: Model, /, *, data: str, out: str, config: Annotated[Options,
     """Fine-tune a GPT-2 checkpoint on your data, fully or with LoRA (the loop of `gpt2lab train`).
 
     Args:
-        model: the starting point: a gpt2lab checkpoint, a run folder (its newest checkpoint) or an HF folder
+        model: the starting point: a gpt2lab checkpoint, a run folder (its newest), an HF folder or a Hub name (gpt2)
         data: text (a file, folder, catalog corpus like kjv, or prepared folder), or JSONL of prompt/completion rows
         out: the run folder: checkpoints/ (full models, or LoRA adapters), best.json, metrics.jsonl, loss.png
         resume: continue the run in --out from its newest checkpoint

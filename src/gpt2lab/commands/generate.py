@@ -31,7 +31,7 @@ def generate(model: Model, /, *, prompt: list[str] | None = None, prompt_file: P
     """Generate text from a model: continue each prompt (or stdin), print the results.
 
     Args:
-        model: a gpt2lab checkpoint, a training run folder or a Hugging Face GPT-2 folder
+        model: a gpt2lab checkpoint, a training run folder, an HF GPT-2 folder, or a Hub name (gpt2, owner/name[@rev])
         prompt: one or more prompts, generated as one batch (default: --prompt-file, else stdin)
         prompt_file: a UTF-8 file whose whole text is the prompt
         stream: print text as it is generated

@@ -26,7 +26,7 @@ def serve(model: Model, /, *, host: str = "127.0.0.1", port: int = 8000, mode: M
     """Serve a model over HTTP: OpenAI's Completions API, a playground at /, /health and /metrics.
 
     Args:
-        model: a gpt2lab checkpoint, a training run folder or a Hugging Face GPT-2 folder
+        model: a gpt2lab checkpoint, a training run folder, an HF GPT-2 folder, or a Hub name (gpt2, owner/name[@rev])
         host: the address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface)
         port: the TCP port
         mode: fp32; bf16 weights; or int8 weight-only quantization (faster on CPU, see the generation guide)
