@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from ..errors import ConfigError, GPT2LabError
+from ..hub import is_hub_name
 from ..quantize import Mode
 from . import Model
 
@@ -32,7 +33,7 @@ def serve(model: Model, /, *, host: str = "127.0.0.1", port: int = 8000, mode: M
         mode: fp32; bf16 weights; or int8 weight-only quantization (faster on CPU, see the generation guide)
         api_key: require `Authorization: Bearer KEY` on everything but /health and the playground's page
             (default: $GPT2LAB_API_KEY, else no key)
-        model_name: the name clients ask for (default: the model folder's name)
+        model_name: the name clients ask for (default: the model folder's name, or the Hub name as given)
         chat_template: a Jinja2 template that turns chat messages into a prompt: serves /v1/chat/completions
         cors_origins: origins whose pages may call the API (repeatable; default: none, CORS off)
         max_batch: sequences generated together (the KV cache holds this many)
@@ -68,7 +69,8 @@ def serve(model: Model, /, *, host: str = "127.0.0.1", port: int = 8000, mode: M
                     max_tokens=_upto(max_tokens, n_ctx, "--max-tokens"), max_n=max_n,
                     max_body_bytes=max_body_bytes, max_streams=max_streams)
     engine = Engine(gen.model, gen.tokenizer, max_batch=max_batch, max_waiting=max_queue).start()
-    name = model_name or Path(model).resolve().name
+    local = Path(model).exists() or not is_hub_name(model)
+    name = model_name or (Path(model).resolve().name if local else model)  # a Hub model by its own name
     key = api_key if api_key is not None else os.environ.get("GPT2LAB_API_KEY") or None
     app = create_app(engine, gen.tokenizer, model_name=name, api_key=key, cors_origins=cors_origins or (),
                      limits=limits, chat_template=template)
