@@ -141,6 +141,7 @@ def test_a_seeded_sample_is_the_same_alone_and_under_load(client):
                                range(8)))
     assert loaded[3] == alone
     assert sample("Once upon", 8) != alone  # the seed matters
+    assert sample("Once upon", 2**70 + 7) == alone and sample("Once upon", -1)  # any JSON integer is a seed
 
 
 def test_logprobs_equal_the_models_log_softmax(client, gen):

@@ -95,7 +95,7 @@ class Seq:
         self.cancelled = False
         self.finished = False
         seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed % 2**64)  # any JSON integer is a seed
 
     def cancel(self) -> None:
         """Stop generating (from any thread): the sequence leaves the batch before the next step."""
