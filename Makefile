@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# The pinned CPU build first: a loose `torch` requirement would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[serve,test,dev,docs]'
+	$(PY) -m pip install -q -e '.[serve,eval,test,dev,docs]'
 	touch $(STAMP)
 
 # Fetch Shakespeare, learn a vocabulary, train a small GPT-2 on 2 cores for 8 minutes, sample, plot.

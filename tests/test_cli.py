@@ -86,6 +86,8 @@ BAD = {
         "{ckpt} --task banana", "{ckpt} --task perplexity --data {file} --out {empty}", "{missing} --task perplexity",
         "{ckpt} --task perplexity --data {file} --limit -1", "{ckpt} --task perplexity --data {missing}",
         "{ckpt} --task bigbench:not_a_task", "{ckpt} --task perplexity --data {file} --device banana",
+        "{ckpt} --task qa --data {file}", "{ckpt} --task translation --data {missing}",
+        "{ckpt} --task summarization --data {file} --seed -1",
     ],
     "finetune": [
         "{ckpt} --data {file} --out {root}/f1 --method banana", "{missing} --data {file} --out {root}/f1",
@@ -236,7 +238,7 @@ SURFACE = {
     "tokenizer decode": ([], "force input output tokenizer"),
     "tokenizer count": ([], "input tokenizer"),
     "tokenizer train": ([], "force input min-frequency out vocab-size"),
-    "eval": (["MODEL"], "batch-size data device limit out per-example stride task tokenizer"),
+    "eval": (["MODEL"], "batch-size data device limit out per-example seed shots stride task tokenizer"),
     "finetune": (["MODEL"], "batch-size block-size data data-format device eval-batches eval-interval field "
                  "gradient-checkpointing keep-best keep-last lora.alpha lora.dropout lora.rank lora.targets lr "
                  "max-minutes max-steps merge method out patience resume seed template too-long val-data "
