@@ -106,10 +106,7 @@ def _replaced(obj: Any, path: tuple[str, ...], value: list[str]) -> Any:
     if not path:
         return tuple(value) if isinstance(obj, tuple) else list(value)
     inner = getattr(obj, path[0])
-    new = _replaced(inner, path[1:], value)
-    if not path[1:] and isinstance(inner, tuple):
-        new = tuple(new)
-    return dataclasses.replace(obj, **{path[0]: new})
+    return dataclasses.replace(obj, **{path[0]: _replaced(inner, path[1:], value)})
 
 
 def with_config_file(argv: list[str], command: str | None) -> tuple[list[str], str | None]:

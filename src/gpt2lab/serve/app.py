@@ -261,8 +261,6 @@ class Server:
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of is not supported (other than best_of = n): ask for n choices and "
                            "rank them by their logprobs", param="best_of")
-        if req.logprobs is not None and req.logprobs > 20:
-            raise APIError(400, "logprobs may be at most 20", param="logprobs")
         prompts = self.prompts(req.prompt)
         if req.max_tokens == 0 and not req.echo:
             raise APIError(400, "max_tokens 0 asks for nothing: give max_tokens >= 1, or echo the prompt",

@@ -311,14 +311,15 @@ class Engine:
             q, k, v = attn.c_attn(block.ln_1(x)).float().split(C, dim=2)
             q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
             keys, values = self._keys[layer], self._values[layer]
-            y = torch.zeros_like(q)
             if slots is not None:  # prompts: causal attention within each one
+                y = torch.zeros_like(q)  # padding's rows stay finite: their keys are cached, if never read
                 for r, (slot, n) in enumerate(zip(slots, spans, strict=True)):
                     keys[slot, :, :T], values[slot, :, :T] = k[r], v[r]
                     y[r, :, :n] = F.scaled_dot_product_attention(q[r:r + 1, :, :n], k[r:r + 1, :, :n],
                                                                  v[r:r + 1, :, :n], is_causal=n > 1)[0]
             else:  # one token per row, after that row's cached positions
                 keys[rows, :, positions[:, 0]], values[rows, :, positions[:, 0]] = k[:, :, 0], v[:, :, 0]
+                y = torch.empty_like(q)  # every row is written by its width's group
                 for width, members, mask in groups:
                     if members is None:  # every row in one width: a view of the cache
                         y = F.scaled_dot_product_attention(q, keys[:B, :, :width], values[:B, :, :width],
