@@ -116,3 +116,36 @@ def test_a_packed_model_cannot_be_compiled_but_an_unpacked_one_can_be_set_up():
     with pytest.raises(GenerationError, match="pack=False"):
         Generator(model, eot_id=96, compile=True)
     Generator(prepare(GPT(preset("gpt2-nano", vocab_size=97)), "bf16", pack=False), eot_id=96, compile=True)
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8"])
+@pytest.mark.parametrize("fmt", ["gpt2lab", "hf"])
+def test_load_converts_tensor_by_tensor_to_the_model_prepare_gives(mode, fmt, tmp_path, monkeypatch):
+    """quantize.load is prepare(load_model(...)) bit for bit, but each float32 tensor it reads is
+    gone before the next is read: a bf16 or int8 model never holds its float32 weights."""
+    import gc
+    import weakref
+
+    from gpt2lab import checkpoint, export_hf, load_model, quantize, save_checkpoint
+
+    torch.manual_seed(0)
+    model = GPT(preset("gpt2-nano", vocab_size=301))
+    (save_checkpoint if fmt == "gpt2lab" else export_hf)(model, tmp_path / "ckpt")
+    alive: list[weakref.ref] = []
+    real = checkpoint.read_tensors
+
+    def spy(*args, **kwargs):
+        for name, t in real(*args, **kwargs):
+            gc.collect()
+            assert all(ref() is None for ref in alive), f"a float32 tensor was still held when {name} was read"
+            assert t.dtype == torch.float32 and t.untyped_storage().nbytes() == t.numel() * 4  # its own memory
+            alive.append(weakref.ref(t))
+            yield name, t
+
+    monkeypatch.setattr(checkpoint, "read_tensors", spy)
+    loaded = quantize.load(tmp_path / "ckpt", mode)
+    assert len(alive) == len(model.state_dict()) - 1  # every tensor read once; the tied head is not stored
+    monkeypatch.undo()
+    idx = torch.randint(0, 301, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), prepare(load_model(tmp_path / "ckpt"), mode)(idx))

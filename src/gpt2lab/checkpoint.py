@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -233,30 +234,42 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None,
         check_tokenizer(folder, fmt, cfg, tokenizer)
     with torch.device("meta"):
         model = GPT(cfg)
-    expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    tensors = _read_weights(folder, fmt)
-    sd: dict[str, torch.Tensor] = {}
-    for name, (source, read) in tensors.items():
-        if name not in expected:
-            raise CheckpointError(f"{source}: unexpected tensor {name!r}; this is not a GPT-2 state dict")
-        t = read()
-        if fmt == "hf" and name.endswith(TRANSPOSED):
-            t = t.t()
-        if t.shape != expected[name].shape:
-            raise CheckpointError(
-                f"{source}: tensor {name!r} has shape {tuple(t.shape)} but config.json implies "
-                f"{tuple(expected[name].shape)}; the weights and the config do not match"
-            )
-        # No .contiguous(): safetensors and mmap'd .bin tensors are copy-on-write views of the file,
-        # and a transposed view multiplies as fast as a copy, so the weights are held once.
-        sd[name] = t.to(device=device, dtype=dtype or t.dtype)
-    missing = sorted(set(expected) - set(sd))
-    if missing:
-        raise CheckpointError(f"{folder}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+    sd = {name: t.to(device=device, dtype=dtype or t.dtype) for name, t in read_tensors(folder, fmt, model)}
     sd["lm_head.weight"] = sd["transformer.wte.weight"]
     model.load_state_dict(sd, assign=True)
     model.tie_weights()
     return model.eval()
+
+
+def read_tensors(folder: Path, fmt: str, model: GPT, *, copy: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each weight of a resolved checkpoint folder (our names and layout; the tied head once), largest
+    first, checked against `model`'s (a meta model's) names and shapes; raises if any is missing.
+
+    copy=False gives copy-on-write views of the file (safetensors and .bin are mmap'd), so weights used
+    as they are take no memory twice. copy=True reads each tensor into memory of its own with plain
+    reads: a loader that converts tensor by tensor (quantize.load) then holds only what it keeps,
+    where the mmap'd pages it had read would count as resident until the file is closed.
+    """
+    expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    stored = _read_weights(folder, fmt, copy=copy)
+    for name, (source, _) in stored.items():
+        if name not in expected:
+            raise CheckpointError(f"{source}: unexpected tensor {name!r}; this is not a GPT-2 state dict")
+    missing = sorted(set(expected) - set(stored))
+    if missing:
+        raise CheckpointError(f"{folder}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+    for name in sorted(stored, key=lambda n: -math.prod(expected[n])):
+        source, read = stored[name]
+        t = read()
+        if fmt == "hf" and name.endswith(TRANSPOSED):
+            # No .contiguous(): a transposed view multiplies as fast as a copy, so weights stay held once.
+            t = t.t()
+        if t.shape != expected[name]:
+            raise CheckpointError(
+                f"{source}: tensor {name!r} has shape {tuple(t.shape)} but config.json implies "
+                f"{tuple(expected[name])}; the weights and the config do not match"
+            )
+        yield name, t
 
 
 def prompt_template(path: str | Path) -> str | None:
@@ -364,15 +377,19 @@ def _weight_files(folder: Path, fmt: str) -> list[Path]:
     )
 
 
-def _read_weights(folder: Path, fmt: str) -> dict[str, Reader]:
-    """Map each tensor name (our naming) to (source file, a function that reads it)."""
+def _read_weights(folder: Path, fmt: str, *, copy: bool = False) -> dict[str, Reader]:
+    """Map each tensor name (our naming) to (source file, a function that reads it): see read_tensors."""
     files = _weight_files(folder, fmt)
     if files[0].name == "pytorch_model.bin":
-        return _read_torch_bin(files[0])
+        return _read_torch_bin(files[0], copy=copy)
     out: dict[str, Reader] = {}
     for f in files:
         if not f.is_file():
             raise CheckpointError(f"weights file {f} is missing (named by the shard index)")
+        if copy:
+            out |= {name: (str(f), read) for key, read in _plain_readers(f).items()
+                    if (name := _our_name(key) if fmt == "hf" else key) is not None}
+            continue
         try:
             handle = safe_open(str(f), framework="pt", device="cpu")
             keys = list(handle.keys())
@@ -394,7 +411,55 @@ def _safe_reader(handle: Any, key: str, f: Path):
     return read
 
 
-def _read_torch_bin(f: Path) -> dict[str, Reader]:
+# safetensors' dtype names for the floating-point tensors a GPT-2 checkpoint holds.
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def _plain_readers(f: Path) -> dict[str, Any]:
+    """A reader per tensor of a safetensors file that copies it into fresh memory with plain reads.
+
+    The format is an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+    data_offsets}} and the data. safetensors' own reader mmaps the whole file, whose pages then
+    stay in this process's resident set until it is closed, so a loader converting tensor by
+    tensor would be charged for the whole file.
+    """
+    corrupt = f"{f} is not a readable safetensors file ({{}}); it is truncated or corrupt"
+    try:
+        with open(f, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size)) if size <= 100_000_000 else None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(corrupt.format(e)) from e
+    if not isinstance(header, dict):
+        raise CheckpointError(corrupt.format("no JSON header"))
+    header.pop("__metadata__", None)
+    start = 8 + size
+
+    def reader(key: str, entry: Any):
+        def read() -> torch.Tensor:
+            try:
+                dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+                shape = [int(n) for n in entry["shape"]]
+                begin, end = (int(n) for n in entry["data_offsets"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(f"{f}: tensor {key!r} is not a floating-point tensor this loader reads "
+                                      f"({e}); the checkpoint is corrupt or not GPT-2's") from e
+            t = torch.empty(shape, dtype=dtype)
+            if end - begin != t.numel() * t.element_size():
+                raise CheckpointError(f"{f}: tensor {key!r} has {end - begin} bytes for shape {tuple(shape)}")
+            with open(f, "rb") as fh:
+                fh.seek(start + begin)
+                got = fh.readinto(t.view(-1).view(torch.uint8).numpy())
+            if got != end - begin:
+                raise CheckpointError(corrupt.format(f"tensor {key!r} is cut short"))
+            return t
+
+        return read
+
+    return {key: reader(key, entry) for key, entry in header.items()}
+
+
+def _read_torch_bin(f: Path, *, copy: bool = False) -> dict[str, Reader]:
     try:
         # weights_only: never unpickle arbitrary objects; mmap: tensors stay on disk until used.
         sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
@@ -404,7 +469,8 @@ def _read_torch_bin(f: Path) -> dict[str, Reader]:
         ) from e
     if not isinstance(sd, dict):
         raise CheckpointError(f"{f} holds a {type(sd).__name__}, not a state dict")
-    return {name: (str(f), lambda t=t: t) for key, t in sd.items() if (name := _our_name(key)) is not None}
+    return {name: (str(f), (lambda t=t: t.clone()) if copy else (lambda t=t: t))
+            for key, t in sd.items() if (name := _our_name(key)) is not None}
 
 
 def _our_name(hf_key: str) -> str | None:

@@ -295,13 +295,13 @@ class Generator:
              device: str | torch.device = "auto") -> Generator:
         """A Generator for a checkpoint, run or HF folder (or a Hub name, see gpt2lab.hub), with its tokenizer,
         in a speed mode, on a device (a name for device.resolve_device: auto, cpu, cuda, cuda:N, mps)."""
-        from .checkpoint import load_model, load_tokenizer
-        from .quantize import prepare
+        from .checkpoint import load_tokenizer
+        from .quantize import load
 
         device = resolve_device(device)
         tokenizer = load_tokenizer(path)
-        # load_model raises if the tokenizer is not the model's; inductor cannot trace packed weights.
-        model = prepare(load_model(path, tokenizer=tokenizer, device=device), mode, pack=not compile)
+        # load raises if the tokenizer is not the model's; inductor cannot trace packed weights.
+        model = load(path, mode, tokenizer=tokenizer, device=device, pack=not compile)
         return cls(model, tokenizer, compile=compile)
 
     # -- public API --

@@ -12,11 +12,15 @@ halving the bytes per weight roughly doubles tokens per second.
           matmul dequantizes on the fly (aten's _weight_int8pack_mm), so a weight costs 1 byte.
 
 These modules are for inference only: they hold no gradients and are not saved by checkpoint.
+`load` builds a model in a mode straight from a checkpoint, converting tensor by tensor, so that
+a bf16 or int8 model never holds its float32 weights (gpt2-xl in int8: 1.6 GB, not 6.2).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import ctypes
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn as nn
@@ -25,8 +29,80 @@ import torch.nn.functional as F
 from .errors import GenerationError
 from .model import GPT
 
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
+
 Mode = Literal["fp32", "bf16", "int8"]
 MODES: tuple[Mode, ...] = ("fp32", "bf16", "int8")
+
+
+def load(path: str | Path, mode: Mode, *, tokenizer: Tokenizer | None = None,
+         device: torch.device | str = "cpu", pack: bool = True) -> GPT:
+    """load_model(path) then prepare(model, mode), without holding float32 weights for bf16/int8 on a CPU.
+
+    Each tensor is read into its own memory, converted (to bf16, or quantized to int8) and
+    dropped, largest first (the embedding, while little else is held), so the peak is about the
+    converted model plus one tensor. fp32, and any mode on a GPU, load as load_model does.
+    """
+    from .checkpoint import adapter_folder, check_tokenizer, load_config, load_model, read_tensors, resolve
+
+    if mode not in MODES:
+        raise GenerationError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode == "fp32" or torch.device(device).type != "cpu" or adapter_folder(path) is not None:
+        return prepare(load_model(path, tokenizer=tokenizer, device=device), mode, pack=pack)
+    folder, fmt = resolve(path)
+    cfg = load_config(folder)
+    if tokenizer is not None:
+        check_tokenizer(folder, fmt, cfg, tokenizer)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    weights = {f"{n}.weight" for n, m in model.transformer.h.named_modules(prefix="transformer.h")
+               if isinstance(m, nn.Linear)} | {"transformer.wte.weight"}
+    tensors: dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, t in read_tensors(folder, fmt, model, copy=True):
+        tensors[name] = quantize_rows(t) if mode == "int8" and name in weights else t.to(torch.bfloat16)
+        del t
+        _return_free_memory()
+    if mode == "bf16":
+        model.load_state_dict(tensors | {"lm_head.weight": tensors["transformer.wte.weight"]}, assign=True)
+        model.tie_weights()
+        del tensors  # prepare packs each Linear's weight; the plain one is freed as it goes
+        return prepare(model, mode, pack=pack)
+    return _assemble_int8(model, tensors)
+
+
+def _return_free_memory() -> None:
+    """Give freed heap memory back to the OS (glibc). Each tensor read and converted leaves holes in
+    malloc's heaps (one per thread that allocated), which glibc does not return by itself: over
+    gpt2-xl's 580 tensors they added 0.3-0.8 GB to the peak."""
+    if _libc is not None:
+        _libc.malloc_trim(0)
+
+
+def _glibc() -> Any:
+    try:
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_libc = _glibc()
+
+
+def _assemble_int8(model: GPT, tensors: dict[str, Any]) -> GPT:
+    """Fill a meta model with quantized Linear weights ((q, scales) pairs) and bf16 tensors."""
+    for prefix, parent in model.transformer.h.named_modules(prefix="transformer.h"):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                key = f"{prefix}.{name}"
+                setattr(parent, name, Int8Linear(*tensors.pop(key + ".weight"), tensors.pop(key + ".bias")))
+    model.lm_head = Int8Linear(*tensors.pop("transformer.wte.weight"), None)
+    model.transformer.wte = Int8Embedding(model.lm_head)
+    for key, t in tensors.items():  # positions, LayerNorms
+        module, _, attr = key.rpartition(".")
+        setattr(model.get_submodule(module), attr, nn.Parameter(t, requires_grad=False))
+    return model.eval()
 
 
 def prepare(model: GPT, mode: Mode, *, pack: bool = True) -> GPT:
@@ -44,13 +120,11 @@ def prepare(model: GPT, mode: Mode, *, pack: bool = True) -> GPT:
     if mode in ("fp32", "bf16"):
         model.to(torch.float32 if mode == "fp32" else torch.bfloat16)
         if pack and _has_mkldnn_linear() and model.transformer.ln_f.weight.device.type == "cpu":
-            for parent, name, linear in _linears(model):
-                setattr(parent, name, PackedLinear(linear.weight, linear.bias))
+            _replace_linears(model, lambda linear: PackedLinear(linear.weight, linear.bias))
             model.lm_head = PackedLinear(model.transformer.wte.weight, None)
         return model
     # int8: quantize from the original weights, then the rest (LayerNorms, biases, positions) to bf16.
-    for parent, name, linear in _linears(model):
-        setattr(parent, name, Int8Linear.from_linear(linear))
+    _replace_linears(model, Int8Linear.from_linear)
     # The output head and the token embedding are one matrix in GPT-2: quantize it once.
     model.lm_head = Int8Linear.from_weight(model.transformer.wte.weight, None)
     model.transformer.wte = Int8Embedding(model.lm_head)
@@ -61,6 +135,16 @@ def _linears(model: GPT) -> list[tuple[nn.Module, str, nn.Linear]]:
     """(parent, attribute, Linear) for every Linear in the transformer blocks."""
     return [(parent, name, child) for parent in model.transformer.h.modules()
             for name, child in parent.named_children() if isinstance(child, nn.Linear)]
+
+
+def _replace_linears(model: GPT, make: Any) -> None:
+    """Replace each block's Linear by make(linear), dropping each original as soon as it is replaced
+    (a list of them all would hold every original weight until the end: twice the model at the peak)."""
+    linears = _linears(model)
+    while linears:
+        parent, name, linear = linears.pop()
+        setattr(parent, name, make(linear))
+        del linear
 
 
 # -- oneDNN-packed fp32 / bf16 ----------------------------------------------------------------
