@@ -410,3 +410,27 @@ def test_finetune_into_an_existing_run_refuses_before_writing_anything(base, pai
     with pytest.raises(TrainingError, match="already holds a run"):
         run(base, corpus, tmp_path / "out", config=config(max_steps=2))
     assert snapshot(tmp_path / "out") == before
+
+
+def test_lora_under_bf16_holds_the_frozen_base_in_bf16_with_the_same_losses(base, pairs, tmp_path, monkeypatch):
+    """Autocast computes the frozen Linear layers from bf16 copies anyway: holding them in bf16 halves
+    the base's memory and changes no loss. The adapters, embeddings and LayerNorms stay fp32."""
+    import gpt2lab.lora as lora_module
+
+    held: list[GPT] = []
+    real = lora_module.hold_frozen_linears
+    monkeypatch.setattr(lora_module, "hold_frozen_linears", lambda m, d: (held.append(m), real(m, d)))
+    kw = dict(method="lora", precision="bf16", lora=LoRAConfig(rank=2, targets=("c_attn", "c_fc")))
+    run(base, pairs, tmp_path / "bf16-base", config=config(**kw))
+    (model,) = held
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert {d for n, d in dtypes.items() if n.endswith((".weight", ".bias")) and ".h." in n and "ln_" not in n} \
+        == {torch.bfloat16}
+    assert {d for n, d in dtypes.items() if "lora_" in n or "ln_" in n or "wte" in n or "wpe" in n} \
+        == {torch.float32}
+
+    monkeypatch.setattr(lora_module, "hold_frozen_linears", lambda m, d: None)  # the base stays fp32
+    run(base, pairs, tmp_path / "fp32-base", config=config(**kw))
+    drop = ("elapsed_s", "tokens_per_s", "mfu")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in metrics(tmp_path / "bf16-base")] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in metrics(tmp_path / "fp32-base")]

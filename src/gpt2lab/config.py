@@ -188,6 +188,10 @@ class TrainConfig:
     peak_tflops: float = 0.0
     """Peak TFLOP/s per device for MFU (0: a data-sheet table for GPUs, a measured matmul on CPU)."""
 
+    def bf16(self, device_type: str) -> bool:
+        """Whether the run computes under bf16 autocast on this kind of device (auto: on GPUs only)."""
+        return self.precision == "bf16" or (self.precision == "auto" and device_type == "cuda")
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # nan and inf pass every comparison below unnoticed
             value = getattr(self, f.name)

@@ -284,6 +284,8 @@ def load_for_finetuning(path: str | Path, cfg: FinetuneConfig, tokenizer: Tokeni
     if cfg.method == "lora":
         torch.manual_seed(cfg.seed)  # A's random init: the same run from the same seed
         lora.apply_lora(model, cfg.lora)
+        if cfg.bf16(resolve_device(cfg.device).type):
+            lora.hold_frozen_linears(model, torch.bfloat16)
     else:
         # Loaded weights may be views of the file (transposed, for HF folders); training writes to
         # them in place, so give every parameter its own contiguous memory.

@@ -24,7 +24,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -33,6 +33,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from .model import GPT
 
 ADAPTER_CONFIG = "adapter.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -120,6 +123,21 @@ class LoRALinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.lora_A.shape[0]}, scale={self.scale:g}"
+
+
+def hold_frozen_linears(model: GPT, dtype: torch.dtype) -> None:
+    """Hold the frozen weights and biases of the blocks' Linear layers in `dtype` (the adapters stay fp32).
+
+    Under bf16 autocast these layers compute with bf16 copies of their weights anyway, so holding
+    them in bf16 gives the same results at half the memory (gpt2-xl's base: 3.0 GB, not 5.9).
+    Embeddings (the tied head with them) and LayerNorms keep their precision, and so does the
+    residual stream.
+    """
+    for module in model.transformer.h.modules():
+        if isinstance(module, nn.Linear) and not module.weight.requires_grad:
+            module.weight.data = module.weight.data.to(dtype)
+            if module.bias is not None:
+                module.bias.data = module.bias.data.to(dtype)
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -339,7 +339,7 @@ class _Trainer:
         else:
             # Dropout differs per rank (as it would per micro-batch in one process); the data does not.
             seed_everything(cfg.seed + self.world.rank)
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        bf16 = cfg.bf16(self.device.type)
         self.amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         self.peak, peak_source = (cfg.peak_tflops * 1e12, "--peak-tflops") if cfg.peak_tflops else peak_flops(
             self.device, torch.bfloat16 if bf16 else torch.float32)
