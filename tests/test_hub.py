@@ -1,29 +1,26 @@
 """Models by name from the Hub, through huggingface_hub's real download path against a local Hub.
 
-`LocalHub` is a thread serving tiny GPT-2 repos (written by gpt2lab's own export_hf) the way the Hub
-does for snapshot_download: GET /api/models/{repo}/revision/{rev} (the commit), GET .../tree/{rev}
-(the file list), HEAD and GET /{repo}/resolve/{commit}/{file} (X-Repo-Commit, ETag, Content-Length),
-and 404s with the Hub's X-Error-Code. huggingface_hub reads HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE
-when it is imported, so in this process the fixture sets its constants; the one subprocess test sets
-the environment variables themselves.
+`LocalHub` (tests/localhub.py) is a thread serving tiny GPT-2 repos (written by gpt2lab's own export_hf)
+the way the Hub does for snapshot_download: GET /api/models/{repo}/revision/{rev} (the commit), GET
+.../tree/{rev} (the file list), HEAD and GET /{repo}/resolve/{commit}/{file} (X-Repo-Commit, ETag,
+Content-Length), and 404s with the Hub's X-Error-Code. huggingface_hub reads HF_ENDPOINT, HF_HOME and
+HF_HUB_OFFLINE when it is imported, so in this process the fixture sets its constants; the one
+subprocess test sets the environment variables themselves.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 import pytest
 import torch
 from huggingface_hub import constants
+from localhub import LocalHub, commit, folder_files, point_at
 
 from gpt2lab import hub
 from gpt2lab.checkpoint import convert, export_hf, info, load_model, load_tokenizer, save_checkpoint
@@ -36,14 +33,6 @@ from gpt2lab.tokenizer import EOT, Tokenizer, Vocabulary
 
 MAIN, V1 = "a" * 40, "b" * 40  # two commits of owner/tiny: main, and the tag v1 (other weights)
 PICKLE = "pytorch_model.bin"
-
-
-def commit(label: str) -> str:
-    return hashlib.sha1(label.encode()).hexdigest()
-
-
-def folder_files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -77,94 +66,6 @@ def repos(tmp_path_factory) -> dict:
         "owner/pickled": one(no_safetensors, "pickled"),
     }
     return {"served": served, "tiny": root / "tiny", "tiny-v1": root / "tiny-v1"}
-
-
-class LocalHub:
-    """A Hub endpoint in a thread: enough of the API for snapshot_download and hf_hub_download."""
-
-    def __init__(self, served: dict) -> None:
-        self.served, self.requests = served, []
-        hub_ = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                hub_.answer(self, body=True)
-
-            def do_HEAD(self) -> None:
-                hub_.answer(self, body=False)
-
-            def log_message(self, *args) -> None:  # quiet
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def answer(self, h: BaseHTTPRequestHandler, *, body: bool) -> None:
-        path = unquote(urlsplit(h.path).path)
-        self.requests.append((h.command, path))
-        parts = path.strip("/").split("/")
-        api = parts[:2] == ["api", "models"]
-        repo = "/".join(parts[2:4] if api else parts[0:2])
-        if repo not in self.served:
-            return self.send(h, 404, {"error": "Repository not found"}, code="RepoNotFound", body=body)
-        record = self.served[repo]
-        rest = parts[4:] if api else parts[2:]
-        if len(rest) < 2 or rest[0] not in ("revision", "tree", "resolve"):
-            return self.send(h, 404, {"error": "not found"}, body=body)
-        kind, rev, filename = rest[0], rest[1], "/".join(rest[2:])
-        sha = record["refs"].get(rev, rev if rev in record["commits"] else None)
-        if sha is None:
-            return self.send(h, 404, {"error": f"Invalid rev id: {rev}"}, code="RevisionNotFound", body=body)
-        files = record["commits"][sha]
-        if kind == "revision":
-            return self.send(h, 200, {"id": repo, "sha": sha, "siblings": [{"rfilename": f} for f in files]},
-                             body=body)
-        if kind == "tree":
-            return self.send(h, 200, [{"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
-                                      for f, b in files.items()], body=body)
-        if filename not in files:
-            return self.send(h, 404, {"error": "Entry not found"}, code="EntryNotFound", sha=sha, body=body)
-        data = files[filename]
-        h.send_response(200)
-        h.send_header("X-Repo-Commit", sha)
-        h.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
-        h.send_header("Content-Length", str(len(data)))
-        h.end_headers()
-        if body:
-            h.wfile.write(data)
-
-    @staticmethod
-    def send(h: BaseHTTPRequestHandler, status: int, obj, *, code: str | None = None, sha: str | None = None,
-             body: bool) -> None:
-        data = json.dumps(obj).encode()
-        h.send_response(status)
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(data)))
-        if code:
-            h.send_header("X-Error-Code", code)
-        if sha:
-            h.send_header("X-Repo-Commit", sha)
-        h.end_headers()
-        if body:
-            h.wfile.write(data)
-
-    def fetched(self) -> set[str]:
-        return {p.rsplit("/", 1)[-1] for m, p in self.requests if m == "GET" and "/resolve/" in p}
-
-
-def point_at(monkeypatch, url: str, cache: Path, *, offline: bool = False) -> None:
-    """What HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE set when huggingface_hub is imported."""
-    monkeypatch.setattr(constants, "ENDPOINT", url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
-    monkeypatch.setattr(hub, "_downloaded", {})  # each test resolves afresh
 
 
 @pytest.fixture
