@@ -102,6 +102,9 @@ BAD = {
         "{ckpt} --data {file} --out {root}/f1 --config {file}",
         "{ckpt} --data {file} --out {root}/f1 --seed 18446744073709551616",
     ],
+    "estimate": ["banana", "gpt2 --batch-size 0", "gpt2 --block-size -1", "gpt2 --batch-size 3 --devices 2",
+                 "gpt2 --block-size 2048", "gpt2 --device banana", "gpt2 --device-memory lots", "gpt2 --mfu 2",
+                 "gpt2 --method lora --devices 2", "{missing}", "{file}"],
     "lora merge": ["{ckpt} --out {root}/m1", "{missing} --out {root}/m1", "{empty} --out {root}/m1"],
     "serve": ["{missing} --port 0", "{ckpt} --port 99999", "{ckpt} --mode int4", "{ckpt} --max-batch 0 --port 0",
               "{ckpt} --chat-template {missing} --port 0", "{ckpt} --max-tokens 100000 --port 0",
@@ -224,6 +227,8 @@ def test_repeated_prompts_are_all_generated(place, capsys):
 SURFACE = {
     "convert": (["SRC", "DST"], "force to"),
     "info": (["PATH"], ""),
+    "estimate": (["MODEL"], "batch-size block-size device device-memory devices fsdp gradient-checkpointing json "
+                 "lora.rank lora.targets method mfu micro-batch peak-tflops precision"),
     "generate": (["MODEL"], "add-bos compile device greedy interactive json max-new-tokens mode num-samples prompt "
                  "prompt-file repetition-penalty seed slide-window stop stop-at-eot stream temperature template "
                  "top-k top-logprobs top-p truncate-prompt"),

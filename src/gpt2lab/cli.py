@@ -44,6 +44,7 @@ COMMANDS: dict[str, str] = {
     "demo": "demo:demo",
     "convert": "checkpoint:convert",
     "info": "checkpoint:info",
+    "estimate": "estimate:estimate",
     "tokenizer encode": "tokenizer:encode_files",
     "tokenizer decode": "tokenizer:decode_ids",
     "tokenizer count": "tokenizer:count_tokens",
