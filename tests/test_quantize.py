@@ -118,11 +118,12 @@ def test_a_packed_model_cannot_be_compiled_but_an_unpacked_one_can_be_set_up():
     Generator(prepare(GPT(preset("gpt2-nano", vocab_size=97)), "bf16", pack=False), eot_id=96, compile=True)
 
 
-@pytest.mark.parametrize("mode", ["bf16", "int8"])
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("fmt", ["gpt2lab", "hf"])
 def test_load_converts_tensor_by_tensor_to_the_model_prepare_gives(mode, fmt, tmp_path, monkeypatch):
-    """quantize.load is prepare(load_model(...)) bit for bit, but each float32 tensor it reads is
-    gone before the next is read: a bf16 or int8 model never holds its float32 weights."""
+    """quantize.load is prepare(load_model(...)) bit for bit, but holds each weight once: in bf16 and
+    int8 each float32 tensor it reads is gone before the next is read, and in fp32 every weight is
+    contiguous memory of its own (an HF folder's transposed weights are not kept beside a copy)."""
     import gc
     import weakref
 
@@ -137,7 +138,8 @@ def test_load_converts_tensor_by_tensor_to_the_model_prepare_gives(mode, fmt, tm
     def spy(*args, **kwargs):
         for name, t in real(*args, **kwargs):
             gc.collect()
-            assert all(ref() is None for ref in alive), f"a float32 tensor was still held when {name} was read"
+            if mode != "fp32":
+                assert all(ref() is None for ref in alive), f"a float32 tensor was still held when {name} was read"
             assert t.dtype == torch.float32 and t.untyped_storage().nbytes() == t.numel() * 4  # its own memory
             alive.append(weakref.ref(t))
             yield name, t
@@ -145,6 +147,10 @@ def test_load_converts_tensor_by_tensor_to_the_model_prepare_gives(mode, fmt, tm
     monkeypatch.setattr(checkpoint, "read_tensors", spy)
     loaded = quantize.load(tmp_path / "ckpt", mode)
     assert len(alive) == len(model.state_dict()) - 1  # every tensor read once; the tied head is not stored
+    held = [*loaded.parameters(), *loaded.buffers()]
+    assert all(t.is_contiguous() or t.is_mkldnn for t in held)
+    if mode == "fp32":
+        assert all(t.untyped_storage().nbytes() == t.numel() * 4 for t in held)
     monkeypatch.undo()
     idx = torch.randint(0, 301, (2, 9))
     with torch.no_grad():

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -211,8 +211,8 @@ def load_config(path: str | Path) -> GPTConfig:
         raise CheckpointError(f"{folder / 'config.json'}: invalid model config ({e})") from e
 
 
-def load_model(path: str | Path, *, dtype: torch.dtype | None = None,
-               device: torch.device | str = "cpu", tokenizer: Tokenizer | None = None) -> GPT:
+def load_model(path: str | Path, *, dtype: torch.dtype | Callable[[str], torch.dtype] | None = None,
+               device: torch.device | str = "cpu", tokenizer: Tokenizer | None = None, copy: bool = False) -> GPT:
     """Load a gpt2lab checkpoint, a training run's newest checkpoint, an HF GPT-2 folder, or a model
     named on the Hugging Face Hub (`gpt2`, `owner/name[@revision]`; a local path of that name wins).
 
@@ -221,11 +221,15 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None,
     TokenizerMismatch unless it is the one the checkpoint records (or fits, if it records none).
     A LoRA adapter folder (or a LoRA run) loads the base it names, checks that base's weights are
     the ones it was trained on, and returns the base with the adapter merged in: a plain GPT.
+
+    dtype: every tensor's dtype, or a function from a tensor's name to its dtype (None: as stored).
+    copy: give each tensor contiguous memory of its own, read and converted one at a time (for
+          training, which writes to them), instead of copy-on-write views of the file.
     """
     if (adapter := adapter_folder(path)) is not None:
         _, meta = lora.read_adapter_config(adapter)
         model = load_model(check_adapter_base(adapter, meta["base"]), dtype=dtype, device=device,
-                           tokenizer=tokenizer)
+                           tokenizer=tokenizer, copy=copy)
         lora.load_adapter(model, adapter)
         return lora.merge_lora(model).eval()
     folder, fmt = resolve(path)
@@ -234,7 +238,10 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None,
         check_tokenizer(folder, fmt, cfg, tokenizer)
     with torch.device("meta"):
         model = GPT(cfg)
-    sd = {name: t.to(device=device, dtype=dtype or t.dtype) for name, t in read_tensors(folder, fmt, model)}
+    sd = {}
+    for name, t in read_tensors(folder, fmt, model, copy=copy):
+        t = t.to(device=device, dtype=(dtype(name) if callable(dtype) else dtype) or t.dtype)
+        sd[name] = t.contiguous() if copy else t
     sd["lm_head.weight"] = sd["transformer.wte.weight"]
     model.load_state_dict(sd, assign=True)
     model.tie_weights()

@@ -38,17 +38,18 @@ MODES: tuple[Mode, ...] = ("fp32", "bf16", "int8")
 
 def load(path: str | Path, mode: Mode, *, tokenizer: Tokenizer | None = None,
          device: torch.device | str = "cpu", pack: bool = True) -> GPT:
-    """load_model(path) then prepare(model, mode), without holding float32 weights for bf16/int8 on a CPU.
+    """load_model(path) then prepare(model, mode), holding each weight once on a CPU.
 
-    Each tensor is read into its own memory, converted (to bf16, or quantized to int8) and
-    dropped, largest first (the embedding, while little else is held), so the peak is about the
-    converted model plus one tensor. fp32, and any mode on a GPU, load as load_model does.
+    Each tensor is read into its own memory, converted (made contiguous, to bf16, or quantized to
+    int8) and dropped, largest first (the embedding, while little else is held), so the peak is
+    about the converted model plus one tensor: a bf16 or int8 model never holds float32 weights,
+    and an HF folder's transposed fp32 weights are not held twice. On a GPU, load_model's path.
     """
     from .checkpoint import adapter_folder, check_tokenizer, load_config, load_model, read_tensors, resolve
 
     if mode not in MODES:
         raise GenerationError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    if mode == "fp32" or torch.device(device).type != "cpu" or adapter_folder(path) is not None:
+    if torch.device(device).type != "cpu" or adapter_folder(path) is not None:
         return prepare(load_model(path, tokenizer=tokenizer, device=device), mode, pack=pack)
     folder, fmt = resolve(path)
     cfg = load_config(folder)
@@ -60,10 +61,13 @@ def load(path: str | Path, mode: Mode, *, tokenizer: Tokenizer | None = None,
                if isinstance(m, nn.Linear)} | {"transformer.wte.weight"}
     tensors: dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
     for name, t in read_tensors(folder, fmt, model, copy=True):
-        tensors[name] = quantize_rows(t) if mode == "int8" and name in weights else t.to(torch.bfloat16)
+        if mode == "int8" and name in weights:
+            tensors[name] = quantize_rows(t)
+        else:  # contiguous: an HF folder's transposed weights, in the layout oneDNN reads fastest
+            tensors[name] = t.to(torch.float32 if mode == "fp32" else torch.bfloat16).contiguous()
         del t
         _return_free_memory()
-    if mode == "bf16":
+    if mode in ("fp32", "bf16"):
         model.load_state_dict(tensors | {"lm_head.weight": tensors["transformer.wte.weight"]}, assign=True)
         model.tie_weights()
         del tensors  # prepare packs each Linear's weight; the plain one is freed as it goes
@@ -145,6 +149,7 @@ def _replace_linears(model: GPT, make: Any) -> None:
         parent, name, linear = linears.pop()
         setattr(parent, name, make(linear))
         del linear
+        _return_free_memory()
 
 
 # -- oneDNN-packed fp32 / bf16 ----------------------------------------------------------------
