@@ -48,7 +48,9 @@ model = GPT(cfg)
 if case["method"] == "lora":
     lora.apply_lora(model, lora.LoRAConfig())
     if case["precision"] == "bf16":  # as finetune does: a bf16 LoRA run holds its frozen Linears in bf16
-        lora.hold_frozen_linears(model, torch.bfloat16)
+        for name, p in model.named_parameters():
+            if lora.frozen_bf16(name):
+                p.data = p.data.to(torch.bfloat16)
 
 def on_step(step, metrics):
     if step == 2:
@@ -134,7 +136,9 @@ def saved_bytes(cfg: GPTConfig, *, batch: int, block: int, method: str, precisio
     if method == "lora":
         lora.apply_lora(model, lora.LoRAConfig())
         if precision == "bf16":
-            lora.hold_frozen_linears(model, torch.bfloat16)
+            for name, p in model.named_parameters():
+                if lora.frozen_bf16(name):
+                    p.data = p.data.to(torch.bfloat16)
     model.gradient_checkpointing = ckpt
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}

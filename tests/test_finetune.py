@@ -415,22 +415,20 @@ def test_finetune_into_an_existing_run_refuses_before_writing_anything(base, pai
 def test_lora_under_bf16_holds_the_frozen_base_in_bf16_with_the_same_losses(base, pairs, tmp_path, monkeypatch):
     """Autocast computes the frozen Linear layers from bf16 copies anyway: holding them in bf16 halves
     the base's memory and changes no loss. The adapters, embeddings and LayerNorms stay fp32."""
-    import gpt2lab.lora as lora_module
+    import gpt2lab.finetune as finetune_module
 
-    held: list[GPT] = []
-    real = lora_module.hold_frozen_linears
-    monkeypatch.setattr(lora_module, "hold_frozen_linears", lambda m, d: (held.append(m), real(m, d)))
+    trained: list[GPT] = []
+    real_fit = finetune_module.fit
+    monkeypatch.setattr(finetune_module, "fit", lambda m, *a, **k: (trained.append(m), real_fit(m, *a, **k))[1])
     kw = dict(method="lora", precision="bf16", lora=LoRAConfig(rank=2, targets=("c_attn", "c_fc")))
     run(base, pairs, tmp_path / "bf16-base", config=config(**kw))
-    (model,) = held
-    dtypes = {n: p.dtype for n, p in model.named_parameters()}
-    assert {d for n, d in dtypes.items() if n.endswith((".weight", ".bias")) and ".h." in n and "ln_" not in n} \
-        == {torch.bfloat16}
-    assert {d for n, d in dtypes.items() if "lora_" in n or "ln_" in n or "wte" in n or "wpe" in n} \
-        == {torch.float32}
+    dtypes = {n: p.dtype for n, p in trained[0].named_parameters()}
+    assert {d for n, d in dtypes.items() if ".h." in n and "ln_" not in n and "lora_" not in n} == {torch.bfloat16}
+    assert {d for n, d in dtypes.items() if "lora_" in n or "ln_" in n or "wte" in n or "wpe" in n} == {torch.float32}
 
-    monkeypatch.setattr(lora_module, "hold_frozen_linears", lambda m, d: None)  # the base stays fp32
+    monkeypatch.setattr(finetune_module, "base_dtype", lambda cfg: torch.float32)  # the base stays fp32
     run(base, pairs, tmp_path / "fp32-base", config=config(**kw))
+    assert {p.dtype for p in trained[1].parameters()} == {torch.float32}
     drop = ("elapsed_s", "tokens_per_s", "mfu")
     assert [{k: v for k, v in r.items() if k not in drop} for r in metrics(tmp_path / "bf16-base")] == \
         [{k: v for k, v in r.items() if k not in drop} for r in metrics(tmp_path / "fp32-base")]

@@ -149,7 +149,7 @@ def estimate(cfg: GPTConfig, setup: Setup) -> Estimate:
     adapter = L * sum(setup.lora.rank * (i + o) * C for i, o in adapted)  # A (r, in) and B (out, r)
     trainable = adapter if lora else n
     # A bf16 LoRA run holds the frozen Linear weights and biases of its blocks in bf16 (finetune:
-    # lora.hold_frozen_linears); embeddings, LayerNorms and every trained weight are fp32.
+    # load_model with lora.frozen_bf16); embeddings, LayerNorms and every trained weight are fp32.
     block_linears = L * (12 * C * C + 9 * C)
     weights = (4 * n - (2 * block_linears if bf16 else 0) + 4 * adapter) if lora else 4 * n
     gradients = 4 * trainable

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -278,21 +278,21 @@ def set_dropout(model: GPT, p: float) -> None:
 
 
 def load_for_finetuning(path: str | Path, cfg: FinetuneConfig, tokenizer: Tokenizer) -> GPT:
-    """The model at `path` ready for fit(): fp32, the run's dropout, fully trainable or LoRA-adapted."""
-    model = load_model(path, dtype=torch.float32, tokenizer=tokenizer)  # an adapter comes back merged
+    """The model at `path` ready for fit(): its own writable memory, the run's dropout, fully trainable
+    or LoRA-adapted. Weights are fp32, but a bf16 LoRA run holds its frozen Linears in bf16 (lora.frozen_bf16)."""
+    model = load_model(path, dtype=base_dtype(cfg), tokenizer=tokenizer, copy=True)  # an adapter comes back merged
     set_dropout(model, cfg.dropout)
     if cfg.method == "lora":
         torch.manual_seed(cfg.seed)  # A's random init: the same run from the same seed
         lora.apply_lora(model, cfg.lora)
-        if cfg.bf16(resolve_device(cfg.device).type):
-            lora.hold_frozen_linears(model, torch.bfloat16)
-    else:
-        # Loaded weights may be views of the file (transposed, for HF folders); training writes to
-        # them in place, so give every parameter its own contiguous memory.
-        with torch.no_grad():
-            for p in model.parameters():
-                p.data = p.data.clone(memory_format=torch.contiguous_format)
     return model
+
+
+def base_dtype(cfg: FinetuneConfig) -> torch.dtype | Callable[[str], torch.dtype]:
+    """The dtype of each tensor of the starting checkpoint, for load_model."""
+    if cfg.method == "lora" and cfg.bf16(resolve_device(cfg.device).type):
+        return lambda name: torch.bfloat16 if lora.frozen_bf16(name) else torch.float32
+    return torch.float32
 
 
 def _lora_strategy(config: lora.LoRAConfig, base: dict[str, Any], record: dict[str, Any]) -> Strategy:

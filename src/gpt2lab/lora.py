@@ -24,7 +24,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -33,9 +33,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError, ConfigError
-
-if TYPE_CHECKING:
-    from .model import GPT
 
 ADAPTER_CONFIG = "adapter.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -91,7 +88,9 @@ class LoRALinear(nn.Linear):
         if self.bias is not None:
             self.bias.requires_grad_(False)
         self.scale = config.scale
-        kw = {"device": base.weight.device, "dtype": base.weight.dtype}
+        # The adapters train in fp32 over a bf16 (or fp16) base; otherwise in the base's dtype.
+        dtype = torch.float32 if base.weight.dtype in (torch.bfloat16, torch.float16) else base.weight.dtype
+        kw = {"device": base.weight.device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(config.rank, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.rank, **kw))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init, as in the paper's code
@@ -125,19 +124,14 @@ class LoRALinear(nn.Linear):
         return f"{super().extra_repr()}, rank={self.lora_A.shape[0]}, scale={self.scale:g}"
 
 
-def hold_frozen_linears(model: GPT, dtype: torch.dtype) -> None:
-    """Hold the frozen weights and biases of the blocks' Linear layers in `dtype` (the adapters stay fp32).
-
-    Under bf16 autocast these layers compute with bf16 copies of their weights anyway, so holding
+def frozen_bf16(name: str) -> bool:
+    """Whether a bf16 LoRA run holds this tensor of the base in bf16: the blocks' Linear weights and
+    biases. Under bf16 autocast these layers compute with bf16 copies of them anyway, so holding
     them in bf16 gives the same results at half the memory (gpt2-xl's base: 3.0 GB, not 5.9).
-    Embeddings (the tied head with them) and LayerNorms keep their precision, and so does the
-    residual stream.
+    Embeddings (the tied head with them) and LayerNorms keep fp32, and so does the residual stream.
     """
-    for module in model.transformer.h.modules():
-        if isinstance(module, nn.Linear) and not module.weight.requires_grad:
-            module.weight.data = module.weight.data.to(dtype)
-            if module.bias is not None:
-                module.bias.data = module.bias.data.to(dtype)
+    return name.startswith("transformer.h.") and name.endswith(
+        tuple(f"{m}.{p}" for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj") for p in ("weight", "bias")))
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
