@@ -328,7 +328,8 @@ class _Trainer:
             self.progress = _Progress(**{k: v for k, v in state.progress.items() if k in known})
             # Weights go into the plain model before any wrapper, so every rank starts identical.
             strategy.load(model, state.checkpoint)
-        wrapped = distributed.wrap(model, fsdp=cfg.fsdp, device=self.device)
+        bf16 = cfg.bf16(self.device.type)
+        wrapped = distributed.wrap(model, fsdp=cfg.fsdp, device=self.device, bf16=bf16)
         self.wrapped = torch.compile(wrapped) if cfg.compile else wrapped
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
@@ -339,7 +340,6 @@ class _Trainer:
         else:
             # Dropout differs per rank (as it would per micro-batch in one process); the data does not.
             seed_everything(cfg.seed + self.world.rank)
-        bf16 = cfg.bf16(self.device.type)
         self.amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         self.peak, peak_source = (cfg.peak_tflops * 1e12, "--peak-tflops") if cfg.peak_tflops else peak_flops(
             self.device, torch.bfloat16 if bf16 else torch.float32)
