@@ -1,6 +1,9 @@
 """Generation speed and quality: gpt2lab's Generator against transformers' generate, per speed mode.
 
     flock /tmp/gpt2lab-bench.lock .venv/bin/python benchmarks/generate/bench.py [--rounds 2] [--compile [MODE ...]]
+    flock /tmp/gpt2lab-bench.lock .venv/bin/python benchmarks/generate/bench.py --model gpt2-xl \
+        --weights /tmp/xl-random --batches 1 --rounds 1 --new-tokens 33 --no-quality \
+        --out benchmarks/results/generate-xl.json
 
 GPT-2 124M with random weights, 16-token prompts + 128 new tokens, greedy, batch 1 and 8. Every
 configuration runs in its own subprocess (so its peak RSS is its own), and the rounds interleave
@@ -39,13 +42,15 @@ MODES = ("fp32", "bf16", "int8")
 # -- the weights -------------------------------------------------------------------------------
 
 
-def write_weights(folder: Path, seed: int = 0) -> None:
-    """GPT-2 124M, random with GPT-2's init, given structure (see the module docstring), as an HF folder."""
+def write_weights(folder: Path, size: str = "gpt2", seed: int = 0) -> None:
+    """GPT-2 in a preset's shape, random with GPT-2's init, given structure (see the module docstring), as HF's."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from gpt2lab.config import preset
+
     torch.manual_seed(seed)
-    hf = GPT2LMHeadModel(GPT2Config()).eval()
+    hf = GPT2LMHeadModel(GPT2Config(**preset(size).to_hf())).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if name.endswith(("c_attn.weight", "c_fc.weight", "c_proj.weight")):
@@ -102,11 +107,10 @@ def run_one(impl: str, mode: str, batch: int, folder: Path, reps: int, compile_:
                                      pad_token_id=50256, eos_token_id=None)
             return out[:, PROMPT_TOKENS:].tolist()
     else:
-        from gpt2lab.checkpoint import load_model
         from gpt2lab.generate import Generator
-        from gpt2lab.quantize import prepare
+        from gpt2lab.quantize import load
 
-        model = prepare(load_model(folder), mode, pack=not compile_)
+        model = load(folder, mode, pack=not compile_)  # what Generator.load does
         weight_bytes = decode_weight_bytes(model)
         generator = Generator(model, compile=compile_)
         rows = ids.tolist()
@@ -120,9 +124,14 @@ def run_one(impl: str, mode: str, batch: int, folder: Path, reps: int, compile_:
     warmup = time.perf_counter() - t
     ttft, _ = best_time(lambda: gen(1), reps)
     total, tokens = best_time(lambda: gen(NEW_TOKENS), reps)
+    # Each storage once (the tied head shares the embedding's); oneDNN's packed weights have none.
+    tensors = [*model.parameters(), *model.buffers()]
+    held = {id(t) if t.is_mkldnn else t.untyped_storage().data_ptr(): t for t in tensors}
+    model_bytes = sum(t.numel() * t.element_size() for t in held.values())
     return {
         "impl": impl, "mode": mode, "batch": batch, "compile": compile_, "threads": torch.get_num_threads(),
         "tokens_per_s": batch * NEW_TOKENS / total, "seconds": total, "ttft_ms": ttft * 1e3,
+        "decode_tokens_per_s": batch * (NEW_TOKENS - 1) / (total - ttft), "model_bytes": model_bytes,
         "warmup_s": warmup, "peak_rss_mib": memory_mib("VmHWM"), "rss_end_mib": memory_mib("VmRSS"),
         "rss_after_imports_mib": base_rss,
         "weight_bytes_per_step": weight_bytes, "tokens": tokens,
@@ -218,11 +227,16 @@ def child(args: list[str]) -> dict:
 
 
 def main() -> None:
+    global NEW_TOKENS  # a child measures --new-tokens
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every configuration")
     p.add_argument("--reps", type=int, default=2, help="timed repetitions inside each subprocess")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--model", default="gpt2", help="the shape: a preset (gpt2 ... gpt2-xl)")
+    p.add_argument("--weights", help="keep the random HF folder here and reuse it (gpt2-xl's takes a minute)")
+    p.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
+    p.add_argument("--no-quality", action="store_true", help="skip the quality measurement")
     p.add_argument("--compile", nargs="*", choices=MODES, default=None,
                    help="also time torch.compile at batch 1 in these modes (no mode given: fp32)")
     p.add_argument("--trained", help="a trained checkpoint for the quality measurement (with --text)")
@@ -237,8 +251,9 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         kind, *rest = args.child
+        NEW_TOKENS = args.new_tokens
         if kind == "weights":  # in a subprocess, so that the driver stays small
-            write_weights(Path(rest[0]))
+            write_weights(Path(rest[0]), args.model)
             result = {"written": rest[0]}
         elif kind == "bandwidth":
             result = bandwidth(args.threads)
@@ -250,7 +265,8 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    common = ["--threads", str(args.threads), "--reps", str(args.reps)]
+    common = ["--threads", str(args.threads), "--reps", str(args.reps), "--new-tokens", str(args.new_tokens),
+              "--model", args.model]
     trained = [*(["--trained", args.trained] if args.trained else []), *(["--text", args.text] if args.text else [])]
     if args.quality_only:
         if not args.trained:
@@ -259,8 +275,9 @@ def main() -> None:
         print(render({"quality": qual}))
         return
     with tempfile.TemporaryDirectory(prefix="gpt2lab-bench-") as tmp:
-        folder = Path(tmp) / "gpt2-random"
-        child(["--child", "weights", str(folder), *common])
+        folder = Path(args.weights or Path(tmp) / f"{args.model}-random")
+        if not (folder / "model.safetensors").is_file():
+            child(["--child", "weights", str(folder), *common])
         configs = [("hf", "fp32", b, 0) for b in args.batches]
         configs += [("ours", m, b, 0) for m in MODES for b in args.batches]
         if args.compile is not None:
@@ -283,7 +300,7 @@ def main() -> None:
                       file=sys.stderr)
             bw2 = child(["--child", "bandwidth", *common])
             bw = {k: max(bw[k], bw2[k]) for k in bw}
-        qual = child(["--child", "quality", str(folder), *common, *trained])
+        qual = None if args.no_quality else child(["--child", "quality", str(folder), *common, *trained])
 
     rows = []
     for (impl, mode, batch, comp), res in best.items():
@@ -297,6 +314,10 @@ def main() -> None:
             "impl": impl, "mode": mode + ("+compile" if comp else ""), "batch": batch,
             "tokens_per_s": round(res["tokens_per_s"], 1),
             "vs_hf_fp32": round(res["tokens_per_s"] / hf["tokens_per_s"], 2),
+            "decode_tokens_per_s": round(res["decode_tokens_per_s"], 2),
+            "decode_vs_hf_fp32": round(res["decode_tokens_per_s"] / hf["decode_tokens_per_s"], 2),
+            "model_mb": round(res["model_bytes"] / 1e6),
+            "peak_rss_vs_model": round(res["peak_rss_mib"] * 2**20 / res["model_bytes"], 2),
             "ttft_ms": round(res["ttft_ms"], 1), "peak_rss_mib": round(res["peak_rss_mib"]),
             "rss_end_mib": round(res["rss_end_mib"]), "rss_after_imports_mib": round(res["rss_after_imports_mib"]),
             "weights_mb_per_step": round(res["weight_bytes_per_step"] / 1e6),
@@ -328,6 +349,8 @@ def render(report: dict) -> str:
         lines += speed_table(report)
         lines += [f"failed: {k}: {v}" for k, v in report["failed"].items()]
     q = report["quality"]
+    if q is None:
+        return "\n".join(lines)
     lines += ["", f"Quality on {q['held_out']}:", "",
               "| mode | perplexity | change vs fp32 | KL(fp32 || mode) nats | argmax agreement |",
               "|---|---|---|---|---|"]
@@ -341,12 +364,14 @@ def speed_table(report: dict) -> list[str]:
     bw = report["bandwidth"]
     lines = [f"threads {report['threads']}; measured bandwidth: read {bw['read_gb_s']:.1f} GB/s, "
              f"copy {bw['copy_gb_s']:.1f} GB/s", "",
-             "| impl | mode | batch | tok/s | vs HF fp32 | TTFT ms | peak RSS MiB | RSS at end | weights MB/step "
-             "| weights GB/s | of read BW | tokens as HF's |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| impl | mode | batch | tok/s | vs HF fp32 | decode tok/s | vs HF fp32 | TTFT ms | peak RSS MiB "
+             "| x model | RSS at end | weights MB/step | weights GB/s | of read BW | tokens as HF's |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         lines.append(f"| {r['impl']} | {r['mode']} | {r['batch']} | {r['tokens_per_s']} | {r['vs_hf_fp32']}x | "
-                     f"{r['ttft_ms']} | {r['peak_rss_mib']} | {r['rss_end_mib']} | {r['weights_mb_per_step']} | "
+                     f"{r['decode_tokens_per_s']} | {r['decode_vs_hf_fp32']}x | "
+                     f"{r['ttft_ms']} | {r['peak_rss_mib']} | {r['peak_rss_vs_model']}x | {r['rss_end_mib']} | "
+                     f"{r['weights_mb_per_step']} | "
                      f"{r['weights_gb_s']} | "
                      f"{r['of_read_bw']:.0%} | {r['token_agreement_hf']:.1%}{as_eager(r)} |")
     return lines
