@@ -206,3 +206,10 @@ def test_the_command_prints_a_table_or_json(capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["setup"]["precision"] == "bf16" and report["fits"] is None
     assert report["peak_flops"] == 989e12 and report["step_seconds"] > 0
+
+
+def test_an_unknown_model_names_the_presets(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["estimate", "gpt2-huge"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gpt2lab: error: 'gpt2-huge' is neither a preset (gpt2, ") and "\n" not in err

@@ -415,3 +415,41 @@ def test_two_fsdp2_processes_match_one_process_and_resume_exactly(tmp_path):
     assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "straight")
     assert_same_weights(load_model(tmp_path / "resumed"), load_model(tmp_path / "straight"))
     _check_matches_one_process(tmp_path, tmp_path / "straight")
+
+
+def _fsdp_dtype_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from gpt2lab import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        seen = {}
+        for bf16 in (False, True):
+            model = tiny_model()
+            layer = model.transformer.h[0].attn.c_attn
+
+            def note(module, args, bf16=bf16) -> None:  # the weight the layer computes with
+                seen.setdefault(bf16, str(module.weight.dtype))
+
+            layer.register_forward_pre_hook(note)
+            wrapped = distributed.wrap(model, fsdp=True, device=torch.device("cpu"), bf16=bf16)
+            wrapped(torch.zeros(1, 8, dtype=torch.long)).float().sum().backward()
+            grads = {str(p.grad.dtype) for p in model.parameters() if p.grad is not None}
+            seen[f"grads {bf16}"] = sorted(grads)
+        if rank == 0:
+            Path(out).write_text(json.dumps({str(k): v for k, v in seen.items()}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_under_bf16_computes_with_gathered_bf16_weights_and_keeps_fp32_gradients(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_fsdp_dtype_worker, args=(2, _free_port(), str(tmp_path / "seen.json")), nprocs=2, join=True)
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    assert seen["False"] == "torch.float32" and seen["True"] == "torch.bfloat16"
+    assert seen["grads True"] == seen["grads False"] == ["torch.float32"]  # the sharded masters stay fp32

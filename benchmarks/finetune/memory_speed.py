@@ -93,7 +93,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.steps < 3:
         ap.error("--steps must be at least 3 (the first warms up, the last saves)")
-    configs = [(m, c == "ckpt") for m, _, c in (x.partition(":") for x in args.configs)]
+    pairs = [x.partition(":") for x in args.configs]
+    if any(m not in ("full", "lora") or c not in ("ckpt", "plain") for m, _, c in pairs):
+        ap.error(f"--configs takes full|lora:ckpt|plain pairs, got {' '.join(args.configs)}")
+    configs = [(m, c == "ckpt") for m, _, c in pairs]
     print(f"batch {args.batch} x {args.seq} tokens, {args.steps} steps (timed: {args.steps - 2}, fastest shown), "
           f"{args.threads} threads, {args.precision}, AdamW; LoRA rank 8 on c_attn, c_proj, c_fc")
     rows = []

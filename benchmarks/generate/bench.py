@@ -277,6 +277,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gpt2lab-bench-") as tmp:
         folder = Path(args.weights or Path(tmp) / f"{args.model}-random")
         if not (folder / "model.safetensors").is_file():
+            if folder.exists() and any(folder.iterdir()):
+                p.error(f"--weights {folder} holds files but no model.safetensors: give a new or empty folder")
             child(["--child", "weights", str(folder), *common])
         configs = [("hf", "fp32", b, 0) for b in args.batches]
         configs += [("ours", m, b, 0) for m in MODES for b in args.batches]

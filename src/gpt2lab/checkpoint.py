@@ -232,20 +232,28 @@ def load_model(path: str | Path, *, dtype: torch.dtype | Callable[[str], torch.d
                            tokenizer=tokenizer, copy=copy)
         lora.load_adapter(model, adapter)
         return lora.merge_lora(model).eval()
-    folder, fmt = resolve(path)
-    cfg = load_config(folder)
-    if tokenizer is not None:
-        check_tokenizer(folder, fmt, cfg, tokenizer)
-    with torch.device("meta"):
-        model = GPT(cfg)
+    model, tensors = open_weights(path, tokenizer=tokenizer, copy=copy)
     sd = {}
-    for name, t in read_tensors(folder, fmt, model, copy=copy):
+    for name, t in tensors:
         t = t.to(device=device, dtype=(dtype(name) if callable(dtype) else dtype) or t.dtype)
         sd[name] = t.contiguous() if copy else t
     sd["lm_head.weight"] = sd["transformer.wte.weight"]
     model.load_state_dict(sd, assign=True)
     model.tie_weights()
     return model.eval()
+
+
+def open_weights(path: str | Path, *, tokenizer: Tokenizer | None = None,
+                 copy: bool = False) -> tuple[GPT, Iterator[tuple[str, torch.Tensor]]]:
+    """A checkpoint's model on the meta device (to be filled) and its weights, as read_tensors gives
+    them; raises TokenizerMismatch first if `tokenizer` is not the checkpoint's."""
+    folder, fmt = resolve(path)
+    cfg = load_config(folder)
+    if tokenizer is not None:
+        check_tokenizer(folder, fmt, cfg, tokenizer)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    return model, read_tensors(folder, fmt, model, copy=copy)
 
 
 def read_tensors(folder: Path, fmt: str, model: GPT, *, copy: bool = False) -> Iterator[tuple[str, torch.Tensor]]:

@@ -45,22 +45,17 @@ def load(path: str | Path, mode: Mode, *, tokenizer: Tokenizer | None = None,
     about the converted model plus one tensor: a bf16 or int8 model never holds float32 weights,
     and an HF folder's transposed fp32 weights are not held twice. On a GPU, load_model's path.
     """
-    from .checkpoint import adapter_folder, check_tokenizer, load_config, load_model, read_tensors, resolve
+    from .checkpoint import adapter_folder, load_model, open_weights
 
     if mode not in MODES:
         raise GenerationError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if torch.device(device).type != "cpu" or adapter_folder(path) is not None:
         return prepare(load_model(path, tokenizer=tokenizer, device=device), mode, pack=pack)
-    folder, fmt = resolve(path)
-    cfg = load_config(folder)
-    if tokenizer is not None:
-        check_tokenizer(folder, fmt, cfg, tokenizer)
-    with torch.device("meta"):
-        model = GPT(cfg)
+    model, stored = open_weights(path, tokenizer=tokenizer, copy=True)
     weights = {f"{n}.weight" for n, m in model.transformer.h.named_modules(prefix="transformer.h")
                if isinstance(m, nn.Linear)} | {"transformer.wte.weight"}
     tensors: dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
-    for name, t in read_tensors(folder, fmt, model, copy=True):
+    for name, t in stored:
         if mode == "int8" and name in weights:
             tensors[name] = quantize_rows(t)
         else:  # contiguous: an HF folder's transposed weights, in the layout oneDNN reads fastest

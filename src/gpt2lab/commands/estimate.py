@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any, Literal
 
 from ..config import PRESETS, GPTConfig, preset
@@ -76,7 +77,11 @@ def _model_config(model: str) -> GPTConfig:
     if model in PRESETS:
         return preset(model, vocab_size=GPT2_VOCAB)
     from ..checkpoint import load_config  # torch and the Hub client: only for a model that is not a preset
+    from ..hub import is_hub_name
 
+    if not Path(model).exists() and not is_hub_name(model):
+        raise ConfigError(f"{model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint folder "
+                          "or Hub name (owner/name)")
     return load_config(model)
 
 
