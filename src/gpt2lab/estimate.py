@@ -23,11 +23,15 @@ from .metrics import GPU_PEAKS, flops_per_token
 
 MiB = 1 << 20
 
-# A gpt2lab training process before its model: Python, torch and gpt2lab's imports (~270 MiB RSS),
-# then torch's CPU runtime (thread pool, oneDNN kernels), the matmul that measures the CPU's peak
-# and the loop's own objects (~60 MiB). Measured as the peak RSS of fit() on a 1-layer, 8-wide
-# model (tests/test_estimate.py measures it again).
-CPU_OVERHEAD = 330 * MiB
+# A gpt2lab training process before its model holds private memory (Python, torch and gpt2lab's
+# objects, torch's CPU runtime and thread pool, the matmul that measures the CPU's peak, the loop's
+# own objects: 220 MiB, measured as fit() on a 1-layer, 8-wide model; tests/test_estimate.py measures
+# it again) and the pages of torch's libraries it has run. Those are shared and clean, and how many
+# count in RSS depends on the page cache: 95 MiB here, 175 MiB just after torch was installed (the
+# kernel then maps the freshly written library in larger folios).
+CPU_PRIVATE = 220 * MiB
+CPU_CODE = 110 * MiB
+CPU_OVERHEAD = CPU_PRIVATE + CPU_CODE
 # On a GPU: the CUDA context and cuBLAS's workspace, which torch.cuda.memory_allocated() does not
 # count but the device's memory holds (typically 0.5 GiB with recent drivers; not measured here).
 GPU_OVERHEAD = 512 * MiB
