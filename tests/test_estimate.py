@@ -155,7 +155,7 @@ def saved_bytes(cfg: GPTConfig, *, batch: int, block: int, method: str, precisio
     x = torch.randint(cfg.vocab_size, (batch, block))
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp:
-        lm_loss(model(x), (x, x))
+        lm_loss(model, (x, x))
     return sum(seen.values())
 
 

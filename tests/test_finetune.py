@@ -27,6 +27,7 @@ from gpt2lab.finetune import (
     tokenize_examples,
 )
 from gpt2lab.lora import ADAPTER_CONFIG, LoRAConfig, LoRALinear
+from gpt2lab.loss import reference_loss
 from gpt2lab.model import GPT
 from gpt2lab.template import PromptTemplate
 from gpt2lab.tokenizer import EOT, Tokenizer, Vocabulary
@@ -183,7 +184,7 @@ def test_prompt_tokens_contribute_nothing_to_the_loss():
     examples = tokenize_examples(iter(rows), TOK, template=PROMPT, max_tokens=49).examples
     batch = pad_batch(examples, TOK.eot_id)
     logits = model(batch[0]).detach().requires_grad_(True)
-    loss = lm_loss(logits, batch)
+    loss = reference_loss(logits, batch[1], batch[2])
     loss.backward()
     counted = batch[2].bool()
     assert logits.grad[~counted].abs().max() == 0  # no gradient through prompt or padding positions
@@ -191,7 +192,9 @@ def test_prompt_tokens_contribute_nothing_to_the_loss():
     # Changing what the model predicts at prompt positions leaves the loss exactly as it was.
     moved = logits.detach().clone()
     moved[~counted] += torch.randn_like(moved[~counted]) * 10
-    assert lm_loss(moved, batch) == loss
+    assert reference_loss(moved, batch[1], batch[2]) == loss
+    # The model's own loss (its fused head, which skips masked targets) agrees.
+    assert torch.allclose(lm_loss(model, batch), loss, atol=1e-6)
     # And the batch loss is each example's completion loss computed alone, without padding.
     per_example = []
     for e in examples:

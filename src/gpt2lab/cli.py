@@ -25,6 +25,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from . import allocator
 from .argv import Option, UsageError, options, set_lists, take_lists, with_config_file
 from .errors import GPT2LabError, Stopped
 
@@ -94,6 +95,7 @@ def _main_thread() -> bool:
 def _main(argv: list[str]) -> int:
     try:
         call = parse(argv)
+        allocator.tune()  # training steps free and reallocate the same large tensors: keep them mapped
         result = call()
         if isinstance(result, str):
             print(result)

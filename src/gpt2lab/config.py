@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .device import native_bf16
 from .errors import ConfigError
 
 # Bounds far beyond any GPT-2 (gpt2-xl: 48 layers, 25 heads, 1600 wide, 1024 context, 50,257 ids),
@@ -160,7 +161,8 @@ class TrainConfig:
     seed: int = 0
     """Seed of the model init, the data order and dropout."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto: bf16 autocast on GPU, fp32 on CPU; bf16: bf16 autocast on any device."""
+    """auto: bf16 autocast on GPUs and on CPUs with native bf16 (AVX512-BF16, AMX), else fp32;
+    bf16: bf16 autocast on any device."""
     compile: bool = False
     """Compile the model with torch.compile."""
     device: str = "auto"
@@ -189,8 +191,11 @@ class TrainConfig:
     """Peak TFLOP/s per device for MFU (0: a data-sheet table for GPUs, a measured matmul on CPU)."""
 
     def bf16(self, device_type: str) -> bool:
-        """Whether the run computes under bf16 autocast on this kind of device (auto: on GPUs only)."""
-        return self.precision == "bf16" or (self.precision == "auto" and device_type == "cuda")
+        """Whether the run computes under bf16 autocast on this kind of device (auto: where it is
+        native: GPUs, and CPUs with AVX512-BF16 or AMX, on which tests/test_train.py checks that
+        the loss curve follows fp32's)."""
+        return self.precision == "bf16" or (self.precision == "auto" and (
+            device_type == "cuda" or (device_type == "cpu" and native_bf16())))
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # nan and inf pass every comparison below unnoticed

@@ -19,6 +19,7 @@ from typing import Literal
 from .config import GPTConfig, TrainConfig
 from .errors import ConfigError
 from .lora import LoRAConfig
+from .loss import CHUNK, COMPILE_FROM
 from .metrics import GPU_PEAKS, flops_per_token
 
 MiB = 1 << 20
@@ -32,6 +33,8 @@ MiB = 1 << 20
 CPU_PRIVATE = 220 * MiB
 CPU_CODE = 110 * MiB
 CPU_OVERHEAD = CPU_PRIVATE + CPU_CODE
+# torch.compile's Inductor, which the fused head loads for large chunks of logits (loss.py).
+COMPILER = 85 * MiB
 # On a GPU: the CUDA context and cuBLAS's workspace, which torch.cuda.memory_allocated() does not
 # count but the device's memory holds (typically 0.5 GiB with recent drivers; not measured here).
 GPU_OVERHEAD = 512 * MiB
@@ -172,26 +175,29 @@ def estimate(cfg: GPTConfig, setup: Setup) -> Estimate:
     per_layer += len(adapted) * setup.lora.rank * half
     residual = 4  # bytes of a residual-stream value: fp32 always
     block_input = residual * C  # what a checkpointed block keeps
-    # After the blocks: ln_f's input (and its mean and rstd) and output (the head's input, a bf16
-    # cast under autocast), and log_softmax's output, which cross_entropy computes in fp32 always.
-    # LoRA freezes the tied head, so nothing keeps the head's input; nor the first block's input
-    # (wte + wpe), which no longer needs a gradient.
-    head = residual * C + (0 if lora else half * C) + 8 + 4 * V
+    # After the blocks: ln_f's input (and its mean and rstd). The fused head (loss.py) keeps no
+    # logits: it computes the gradients of its input (fp32, C a token) and, unless LoRA froze it, of
+    # its weight (fp32, V x C) in the forward pass, and saves those. LoRA keeps nothing for the
+    # first block's input (wte + wpe), which needs no gradient.
+    head = residual * C + 8 + 4 * C
+    head_weight = 0 if lora else 4 * V * C
     first = residual * C + 8 if lora else 0
     # Autocast casts each weight a Linear uses to bf16 once per forward; the Linear saves the copy
-    # for backward (the tied head's too: LoRA's frozen one as well, for the gradient of its input).
-    # A LoRA run's block Linears are bf16 already: only its adapters are cast.
+    # for backward. A LoRA run's block Linears are bf16 already: only its adapters are cast.
     casts_block = (2 * adapter // L if lora else 2 * 12 * C * C) if bf16 else 0
-    casts_head = 2 * V * C if bf16 else 0
-    plain = BT * (L * per_layer + head - first) + L * casts_block + casts_head
-    checkpointed = BT * (L * block_input + head) + casts_head
+    plain = BT * (L * per_layer + head - first) + L * casts_block + head_weight
+    checkpointed = BT * (L * block_input + head) + head_weight
     saved = checkpointed if setup.gradient_checkpointing else plain
-    # The backward pass starts at the head with the logits' gradient and log_softmax's input
-    # gradient, both fp32 (BT, V), beside log_softmax's saved output; a checkpointed run then holds
-    # one recomputed block (and, under autocast, its weights' casts) at a time.
-    logits_grads = 8 * BT * V
+    # Transients: the head's forward holds a chunk of logits and of probabilities in the matmul's
+    # dtype, its input and weight cast to it, and under bf16 each chunk's weight gradient before it
+    # is added in fp32; backward starts by scaling the two saved gradients into new tensors. A
+    # checkpointed run then holds one recomputed block (and its weights' casts) at a time, beside
+    # the head's weight gradient.
+    rows = min(CHUNK, BT)
+    head_forward = 2 * half * rows * V + ((BT * C + V * C + (0 if lora else V * C)) * 2 if bf16 else 0)
+    head_backward = 4 * BT * C + head_weight
     recompute = BT * per_layer + casts_block if setup.gradient_checkpointing else 0
-    transient = max(logits_grads, recompute + (4 * V * C if not lora else 0))  # the head's weight gradient
+    transient = max(head_forward, head_backward, recompute + head_weight)
     acts = Activations(saved=saved, without_checkpointing=plain, with_checkpointing=checkpointed,
                        transient=transient)
 
@@ -208,7 +214,7 @@ def estimate(cfg: GPTConfig, setup: Setup) -> Estimate:
         gathered = root + 2 * 4 * (12 * C * C + 13 * C)
         weights, gradients, optimizer = weights // shards + gathered, gradients // shards, optimizer // shards
 
-    overhead = GPU_OVERHEAD if gpu else CPU_OVERHEAD
+    overhead = GPU_OVERHEAD if gpu else CPU_OVERHEAD + (COMPILER if rows * V >= COMPILE_FROM else 0)
     # Gradients exist during backward only when an earlier micro-batch left them (accumulation).
     held_in_backward = weights + optimizer + (gradients if accum > 1 else 0)
     backward = held_in_backward + saved + transient

@@ -1,7 +1,8 @@
 """GPT-2, exactly as OpenAI's: pre-LayerNorm blocks, learned positions, tanh GELU, tied head.
 
 Parameter names are GPT-2's own (as in Hugging Face's `GPT2LMHeadModel`), so converting a
-checkpoint is a list of transposes. `forward` always returns logits of shape (B, T, vocab_size).
+checkpoint is a list of transposes. `forward` returns logits of shape (B, T, vocab_size), or, given
+targets, the mean next-token loss, computed through the head without those logits (loss.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import GPTConfig
+from .loss import head_loss, reference_loss
 
 
 class KVCache(nn.Module):
@@ -157,15 +159,25 @@ class GPT(nn.Module):
     # -- forward --------------------------------------------------------------------------
 
     def forward(self, idx: torch.Tensor, *, start: int = 0, position_ids: torch.Tensor | None = None,
-                key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab_size) for token ids `idx` (B, T).
+                key_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab_size) for token ids `idx` (B, T); or, given targets, the mean loss.
 
         start:        with a KV cache, the cache slot of idx[:, 0]; the tokens before it are cached.
         position_ids: (B, T) learned-position index of each token; defaults to start..start+T-1.
                       Left-padded batches pass their own so that every row starts at position 0.
         key_mask:     (B, start+T) bool, False for slots no token may attend to (padding).
+        targets:      (B, T) the next token of each position: the result is then the mean
+                      cross-entropy in nats, computed a chunk of tokens at a time so that the
+                      (B, T, vocab_size) logits never exist (training's largest tensor otherwise).
+        loss_mask:    (B, T), nonzero for the targets that count (fine-tuning masks the prompt).
         """
-        return self.lm_head(self.hidden(idx, start=start, position_ids=position_ids, key_mask=key_mask))
+        x = self.hidden(idx, start=start, position_ids=position_ids, key_mask=key_mask)
+        if targets is None:
+            return self.lm_head(x)
+        if type(self.lm_head) is nn.Linear:
+            return head_loss(x, self.lm_head.weight, targets, loss_mask)
+        return reference_loss(self.lm_head(x), targets, loss_mask)  # a quantized or adapted head
 
     def hidden(self, idx: torch.Tensor, *, start: int = 0, position_ids: torch.Tensor | None = None,
                key_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -18,7 +18,6 @@ a bf16 or int8 model never holds its float32 weights (gpt2-xl in int8: 1.6 GB, n
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -26,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import allocator
 from .errors import GenerationError
 from .model import GPT
 
@@ -61,32 +61,13 @@ def load(path: str | Path, mode: Mode, *, tokenizer: Tokenizer | None = None,
         else:  # contiguous: an HF folder's transposed weights, in the layout oneDNN reads fastest
             tensors[name] = t.to(torch.float32 if mode == "fp32" else torch.bfloat16).contiguous()
         del t
-        _return_free_memory()
+        allocator.release()  # each tensor converted leaves holes in the heap; 0.3-0.8 GB on gpt2-xl
     if mode in ("fp32", "bf16"):
         model.load_state_dict(tensors | {"lm_head.weight": tensors["transformer.wte.weight"]}, assign=True)
         model.tie_weights()
         del tensors  # prepare packs each Linear's weight; the plain one is freed as it goes
         return prepare(model, mode, pack=pack)
     return _assemble_int8(model, tensors)
-
-
-def _return_free_memory() -> None:
-    """Give freed heap memory back to the OS (glibc). Each tensor read and converted leaves holes in
-    malloc's heaps (one per thread that allocated), which glibc does not return by itself: over
-    gpt2-xl's 580 tensors they added 0.3-0.8 GB to the peak."""
-    if _libc is not None:
-        _libc.malloc_trim(0)
-
-
-def _glibc() -> Any:
-    try:
-        libc = ctypes.CDLL(None)
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-_libc = _glibc()
 
 
 def _assemble_int8(model: GPT, tensors: dict[str, Any]) -> GPT:
@@ -144,7 +125,7 @@ def _replace_linears(model: GPT, make: Any) -> None:
         parent, name, linear = linears.pop()
         setattr(parent, name, make(linear))
         del linear
-        _return_free_memory()
+        allocator.release()  # the replaced weight's memory goes back to the OS
 
 
 # -- oneDNN-packed fp32 / bf16 ----------------------------------------------------------------

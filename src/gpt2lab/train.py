@@ -27,7 +27,6 @@ from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import data as datasets
 from . import distributed
@@ -62,18 +61,13 @@ class EvalBatches(Protocol):
 # -- the pieces of a step ----------------------------------------------------------------------
 
 
-def lm_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Mean next-token cross-entropy in nats; with a loss mask, over the positions it keeps only.
+def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean next-token cross-entropy in nats of `model` on a batch, through its fused head (loss.py).
 
-    logits (B, T, V) come from the inputs batch[0]; batch[1] holds the targets (B, T) and an
-    optional batch[2] (B, T) is 1 where a target counts (fine-tuning masks the prompt tokens).
+    batch[0] holds the inputs (B, T), batch[1] the targets (B, T) and an optional batch[2] (B, T) is
+    1 where a target counts (fine-tuning masks the prompt tokens); the mean is over those.
     """
-    targets = batch[1]
-    if len(batch) < 3:
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-    per_token = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-    mask = batch[2].flatten().to(per_token.dtype)
-    return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
+    return model(batch[0], targets=batch[1], loss_mask=batch[2] if len(batch) > 2 else None)
 
 
 def learning_rate(step: int, *, lr: float, min_lr: float, warmup: int, horizon: int,
@@ -117,7 +111,7 @@ def _accumulate_gradients(model: nn.Module, batches: Batches, step: int, *, rank
         batch = tuple(t.to(device, non_blocking=True) for t in batches.get(step, rank * accum + micro))
         with distributed.grad_sync(model, micro == accum - 1):
             with amp:
-                loss = loss_fn(model(batch[0]), batch) / accum
+                loss = loss_fn(model, batch) / accum
             loss.backward()
         loss_sum += loss.detach()
         tokens, seq_len = tokens + batch[0].numel(), batch[0].shape[1]
@@ -143,7 +137,7 @@ def _evaluate(model: nn.Module, val: EvalBatches, n: int, loss_fn: Callable[...,
             if i % world.size == world.rank:
                 batch = tuple(t.to(device) for t in batch)
                 with amp:
-                    total[0] += loss_fn(model(batch[0]), batch).float()
+                    total[0] += loss_fn(model, batch).float()
                 total[1] += 1
     finally:
         model.train(was_training)
@@ -187,14 +181,14 @@ def load_weights(model: nn.Module, folder: Path) -> None:
 class Strategy:
     """What pretraining and fine-tuning do differently inside the same fit() loop.
 
-    loss:        (logits, batch) -> scalar loss; lm_loss honours a loss mask in batch[2]
+    loss:        (model, batch) -> scalar loss; lm_loss honours a loss mask in batch[2]
     save:        (model, folder, tokenizer) writes the model into a checkpoint folder
                  (LoRA writes its adapter and a reference to the base here)
     load:        (model, folder) restores what `save` wrote, for --resume
     extra_files: file name -> text, written into every checkpoint (e.g. fine-tuning's finetune.json)
     """
 
-    loss: Callable[[torch.Tensor, Batch], torch.Tensor] = lm_loss
+    loss: Callable[[nn.Module, Batch], torch.Tensor] = lm_loss
     save: Callable[[nn.Module, Path, Any], None] = write_model_files
     load: Callable[[nn.Module, Path], None] = load_weights
     extra_files: Mapping[str, str] = field(default_factory=dict)

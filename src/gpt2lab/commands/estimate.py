@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from ..config import PRESETS, GPTConfig, preset
+from ..config import PRESETS, GPTConfig, TrainConfig, preset
 from ..errors import ConfigError
 from ..estimate import Estimate, Setup, gpu_peak, machine_memory, parse_bytes
 from ..estimate import estimate as estimate_run
@@ -35,7 +35,8 @@ def estimate(model: Model, /, *, batch_size: int = 8, block_size: int = 0, micro
         micro_batch: sequences per forward pass on each device (0: batch_size / devices); the rest is accumulation
         method: full: train every weight; lora: a frozen base and low-rank adapters (gpt2lab finetune --method lora)
         lora: the adapters' rank and target layers, for --method lora
-        precision: auto: bf16 on a GPU, fp32 on CPU; bf16: bf16 autocast (fp32 master weights)
+        precision: auto: as training decides (bf16 on a GPU, and on this CPU if it has native bf16); bf16: bf16
+            autocast (fp32 master weights)
         gradient_checkpointing: plan for recomputing activations in backward (both are shown anyway)
         devices: processes (one per device) sharing the batch under torchrun
         fsdp: shard weights, gradients and optimizer state over the devices (FSDP2) instead of DDP
@@ -55,7 +56,7 @@ def estimate(model: Model, /, *, batch_size: int = 8, block_size: int = 0, micro
     if device_memory:
         memory = parse_bytes(device_memory)
     if precision == "auto":
-        precision = "bf16" if kind == "cuda" else "fp32"
+        precision = "bf16" if TrainConfig().bf16(kind) else "fp32"
     setup = Setup(batch_size=batch_size, block_size=block_size or cfg.n_ctx, micro_batch=micro_batch, method=method,
                   lora=lora, precision=precision, gradient_checkpointing=gradient_checkpointing, devices=devices,
                   fsdp=fsdp, device=kind)
@@ -124,7 +125,7 @@ def _table(model: str, setup: Setup, est: Estimate, r: dict[str, Any], gpu_name:
         f"  activations           {_size(acts.saved)} "
         + (f"with gradient checkpointing ({_size(acts.without_checkpointing)} without)" if setup.gradient_checkpointing
            else f"({_size(acts.with_checkpointing)} with gradient checkpointing)"),
-        f"  around the peak       {_size(acts.transient)} (logits' gradients"
+        f"  around the peak       {_size(acts.transient)} (the head's chunks and gradients"
         f"{', a recomputed block' if setup.gradient_checkpointing else ''}), "
         f"{_size(est.optimizer_step)} in the optimizer step",
         f"  runtime overhead      {_size(est.overhead)}",
