@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
+import os
 import re
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
 from gpt2lab import load_model
-from gpt2lab.demo import demo, learned_vocabulary, unigram_bits_per_byte
+from gpt2lab.demo import contention_note, demo, learned_vocabulary, unigram_bits_per_byte
 from gpt2lab.tokenizer import Tokenizer, train_tokenizer
 from gpt2lab.train import TrainConfig
 
@@ -84,3 +88,28 @@ def test_demo_without_network_says_so_and_points_to_data(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert "no network" in err and "--data PATH" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_the_demo_says_when_another_program_took_its_cpu(tmp_path):
+    """The demo and a busy loop share one core: it still stops on time, and the report says why it
+    trained less. Alone, nothing is said."""
+    write_corpus(tmp_path / "corpus")
+    cfg = TrainConfig(model="gpt2-nano", batch_size=4, block_size=32, max_steps=10**6, max_minutes=0.1,
+                      warmup_steps=2, lr=3e-3, eval_interval=0, log_interval=50, ckpt_interval=10**6, device="cpu")
+    core = min(os.sched_getaffinity(0))
+    saved = os.sched_getaffinity(0)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                            preexec_fn=lambda: os.sched_setaffinity(0, {core}))
+    try:
+        os.sched_setaffinity(0, {core})
+        start = time.monotonic()
+        report = demo(data=str(tmp_path / "corpus"), out=str(tmp_path / "out"), vocab_size=300, threads=1, config=cfg)
+        assert time.monotonic() - start < 60
+    finally:
+        busy.kill()
+        busy.wait()
+        os.sched_setaffinity(0, saved)
+    note = report.splitlines()[-1]
+    assert note.startswith("note: training had ") and "another program was busy" in note
+    assert 20 <= int(re.search(r"had (\d+)%", note).group(1)) <= 75
+    assert contention_note(cpu_s=95, wall_s=50, threads=2) is None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -73,10 +74,32 @@ def demo(*, data: str | None = None, out: str = "runs/demo", vocab_size: int = D
             raise FetchError(f"{NO_CORPUS_HELP} ({e})") from e
         raise
     run_dir = root / f"run-{datetime.now():%Y%m%d-%H%M%S}"
+    cpu, wall = _cpu_seconds(), time.monotonic()
     result = pretrain(data_dir, run_dir, config)
     text = report(result, run_dir, data_dir)
+    if note := contention_note(_cpu_seconds() - cpu, time.monotonic() - wall, threads):
+        text += "\n" + note
     raise_if_stopped(result, text)
     return text
+
+
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def contention_note(cpu_s: float, wall_s: float, threads: int) -> str | None:
+    """A line for the report when training got less CPU time than its threads could use.
+
+    The demo stops after its minutes whatever happens, so a busy machine costs steps, not time. Its
+    threads keep their cores busy when alone (torch's workers wait spinning), so a share of CPU time
+    well under threads x wall means another program took some of those cores.
+    """
+    share = cpu_s / max(wall_s * threads, 1e-9)
+    if share >= 0.8:
+        return None
+    return (f"note: training had {share:.0%} of the CPU time of its {threads} thread(s): another program was busy "
+            f"on these cores, so it trained fewer steps than a quiet machine would, and its held-out loss is higher")
 
 
 def learned_vocabulary(source: str, vocab_size: int, root: Path) -> Path:
