@@ -26,13 +26,14 @@ into the next shard, and the loader's windows may start anywhere and cross shard
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import itertools
 import math
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,7 @@ from .shards import (
     shard_name,
     token_dtype,
 )
-from .tokenizer import Tokenizer, safe_cuts
+from .tokenizer import Tokenizer, cpu_count, safe_cuts
 
 # gpt2lab.data is the import path for all of it: the corpora (gpt2lab.corpora) and the shard format
 # and its reader (gpt2lab.shards) are re-exported here beside prepare.
@@ -97,7 +98,7 @@ __all__ = [
     "read_text", "register", "row_documents", "shard_name", "tail_cut", "text_pieces", "token_dtype", "up_to_date",
 ]
 
-BATCH_CHARS = 1 << 21  # characters handed to the tokenizer's threads at once
+BATCH_CHARS = 1 << 18  # characters a tokenizer thread encodes at once
 
 
 # -- prepare ---------------------------------------------------------------------------------
@@ -210,17 +211,21 @@ def _batches(pieces: Iterable[_Piece], chars: int) -> Iterator[list[_Piece]]:
 
 def _encoded(batches: Iterable[list[_Piece]], tok: Tokenizer,
              workers: int | None) -> Iterator[tuple[list[_Piece], list[list[int]]]]:
-    """(batch, its token ids), in order. Each batch is tokenized while the caller writes the one
-    before and the next is read: reading and writing hold the GIL, tiktoken's encoding does not."""
-    with ThreadPoolExecutor(1) as pool:
-        ahead = None
+    """(batch, its token ids), in order. Each batch is a task for one of `workers` threads, and up
+    to two per thread wait in line, so that every core keeps encoding while this thread reads the
+    next batches and writes the finished ones (tiktoken releases the GIL; reading and writing hold
+    it). Small batches keep the pipeline's start and end, when some cores idle, short."""
+    threads = max(1, workers or cpu_count())
+    with ThreadPoolExecutor(threads) as pool:
+        ahead: collections.deque[tuple[list[_Piece], Future[list[list[int]]]]] = collections.deque()
         for batch in batches:
-            job = (batch, pool.submit(tok.encode_batch, [p.text for p in batch], num_threads=workers))
-            if ahead is not None:
-                yield ahead[0], ahead[1].result()
-            ahead = job
-        if ahead is not None:
-            yield ahead[0], ahead[1].result()
+            ahead.append((batch, pool.submit(tok.encode_batch, [p.text for p in batch], num_threads=1)))
+            if len(ahead) > 2 * threads:
+                done, ids = ahead.popleft()
+                yield done, ids.result()
+        while ahead:
+            done, ids = ahead.popleft()
+            yield done, ids.result()
 
 
 def _write_splits(src: _Source, tok: Tokenizer, folder: Path, *, val_fraction: float, shard_tokens: int,

@@ -188,7 +188,7 @@ class Tokenizer:
         parts encoded in parallel, so even one large text uses every core; the ids are the same.
         """
         texts = list(texts)
-        threads = max(1, num_threads or _cpu_count())
+        threads = max(1, num_threads or cpu_count())
         allowed = self._allowed(allowed_special)  # fail here, not inside a worker
         encode = functools.partial(self.encode, allowed_special=allowed)
         if threads == 1:
@@ -472,7 +472,8 @@ def _as_list(ids: Iterable[int]) -> list[int]:
     return tolist() if tolist is not None else list(ids)
 
 
-def _cpu_count() -> int:
+def cpu_count() -> int:
+    """CPUs this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
