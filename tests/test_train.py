@@ -463,7 +463,8 @@ def test_fsdp2_under_bf16_computes_with_gathered_bf16_weights_and_keeps_fp32_gra
 def test_bf16_follows_the_fp32_loss_curve_and_is_the_default_where_native(tmp_path):
     """300 steps in each precision from the same weights and batches: every 50-step mean of the
     training loss within 2% of fp32's (the means fall from 2.4 to 0.7), the validation loss
-    at the end within 2%. `auto` trains in bf16 on a CPU with native bf16 (such as this one)."""
+    at the end within 2%. `auto` trains in bf16 on a CPU with native bf16 (such as this one), for
+    models wide enough to gain from it."""
     cfg = config(max_steps=300, batch_size=8, micro_batch=8, block_size=32, lr=3e-3, min_lr=3e-4,
                  warmup_steps=20, eval_interval=300, eval_batches=4, ckpt_interval=1000, log_interval=1)
     curves, val = {}, {}
@@ -476,4 +477,5 @@ def test_bf16_follows_the_fp32_loss_curve_and_is_the_default_where_native(tmp_pa
     for f, b in zip(curves["fp32"], curves["bf16"], strict=True):
         assert abs(b - f) / f <= 0.02, (curves["fp32"], curves["bf16"])
     assert abs(val["bf16"] - val["fp32"]) / val["fp32"] <= 0.02, val
-    assert TrainConfig().bf16("cpu") == native_bf16() and TrainConfig(precision="fp32").bf16("cpu") is False
+    assert TrainConfig().bf16("cpu", 768) == native_bf16() and TrainConfig(precision="fp32").bf16("cpu") is False
+    assert TrainConfig().bf16("cpu", 48) is False and TrainConfig(precision="bf16").bf16("cpu", 48) is True

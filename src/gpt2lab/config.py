@@ -122,6 +122,12 @@ def preset(name: str, **overrides: Any) -> GPTConfig:
     return dataclasses.replace(PRESETS[name], **overrides)
 
 
+# On a CPU with native bf16, bf16 autocast trains a 6 x 384 GPT-2 1.9x faster than fp32 and a
+# 4 x 128 one 1.3x; at 96 wide it breaks even, and narrower models (the demo's 48) run 10% slower,
+# their matmuls too small to repay the casts (benchmarks/train/throughput.py and the demo's trials).
+CPU_BF16_WIDTH = 128
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Everything that shapes a training run. Every field is also a `gpt2lab train` option."""
@@ -161,8 +167,8 @@ class TrainConfig:
     seed: int = 0
     """Seed of the model init, the data order and dropout."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto: bf16 autocast on GPUs and on CPUs with native bf16 (AVX512-BF16, AMX), else fp32;
-    bf16: bf16 autocast on any device."""
+    """auto: bf16 autocast on GPUs, and on CPUs with native bf16 (AVX512-BF16, AMX) for models 128
+    or more wide; else fp32. bf16: bf16 autocast on any device."""
     compile: bool = False
     """Compile the model with torch.compile."""
     device: str = "auto"
@@ -190,12 +196,17 @@ class TrainConfig:
     peak_tflops: float = 0.0
     """Peak TFLOP/s per device for MFU (0: a data-sheet table for GPUs, a measured matmul on CPU)."""
 
-    def bf16(self, device_type: str) -> bool:
-        """Whether the run computes under bf16 autocast on this kind of device (auto: where it is
-        native: GPUs, and CPUs with AVX512-BF16 or AMX, on which tests/test_train.py checks that
-        the loss curve follows fp32's)."""
-        return self.precision == "bf16" or (self.precision == "auto" and (
-            device_type == "cuda" or (device_type == "cpu" and native_bf16())))
+    def bf16(self, device_type: str, width: int | None = None) -> bool:
+        """Whether a run computes under bf16 autocast on this kind of device, for a model `width` wide.
+
+        auto: where bf16 is native and pays: on GPUs, and on CPUs with AVX512-BF16 or AMX for models
+        at least CPU_BF16_WIDTH wide (tests/test_train.py checks that its loss curve follows fp32's).
+        """
+        if self.precision != "auto":
+            return self.precision == "bf16"
+        if device_type == "cuda":
+            return True
+        return device_type == "cpu" and native_bf16() and (width is None or width >= CPU_BF16_WIDTH)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # nan and inf pass every comparison below unnoticed

@@ -322,7 +322,7 @@ class _Trainer:
             self.progress = _Progress(**{k: v for k, v in state.progress.items() if k in known})
             # Weights go into the plain model before any wrapper, so every rank starts identical.
             strategy.load(model, state.checkpoint)
-        bf16 = cfg.bf16(self.device.type)
+        bf16 = cfg.bf16(self.device.type, model.config.n_embd)
         wrapped = distributed.wrap(model, fsdp=cfg.fsdp, device=self.device, bf16=bf16)
         self.wrapped = torch.compile(wrapped) if cfg.compile else wrapped
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,

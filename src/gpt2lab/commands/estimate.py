@@ -56,7 +56,7 @@ def estimate(model: Model, /, *, batch_size: int = 8, block_size: int = 0, micro
     if device_memory:
         memory = parse_bytes(device_memory)
     if precision == "auto":
-        precision = "bf16" if TrainConfig().bf16(kind) else "fp32"
+        precision = "bf16" if TrainConfig().bf16(kind, cfg.n_embd) else "fp32"
     setup = Setup(batch_size=batch_size, block_size=block_size or cfg.n_ctx, micro_batch=micro_batch, method=method,
                   lora=lora, precision=precision, gradient_checkpointing=gradient_checkpointing, devices=devices,
                   fsdp=fsdp, device=kind)
