@@ -429,7 +429,7 @@ def test_lora_under_bf16_holds_the_frozen_base_in_bf16_with_the_same_losses(base
     assert {d for n, d in dtypes.items() if ".h." in n and "ln_" not in n and "lora_" not in n} == {torch.bfloat16}
     assert {d for n, d in dtypes.items() if "lora_" in n or "ln_" in n or "wte" in n or "wpe" in n} == {torch.float32}
 
-    monkeypatch.setattr(finetune_module, "base_dtype", lambda cfg: torch.float32)  # the base stays fp32
+    monkeypatch.setattr(finetune_module, "base_dtype", lambda cfg, width=None: torch.float32)  # the base stays fp32
     run(base, pairs, tmp_path / "fp32-base", config=config(**kw))
     assert {p.dtype for p in trained[1].parameters()} == {torch.float32}
     drop = ("elapsed_s", "tokens_per_s", "mfu")

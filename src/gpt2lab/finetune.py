@@ -42,6 +42,7 @@ from .checkpoint import (
     check_destination,
     export_hf,
     latest_checkpoint,
+    load_config,
     load_model,
     load_tokenizer,
     resolve,
@@ -280,7 +281,8 @@ def set_dropout(model: GPT, p: float) -> None:
 def load_for_finetuning(path: str | Path, cfg: FinetuneConfig, tokenizer: Tokenizer) -> GPT:
     """The model at `path` ready for fit(): its own writable memory, the run's dropout, fully trainable
     or LoRA-adapted. Weights are fp32, but a bf16 LoRA run holds its frozen Linears in bf16 (lora.frozen_bf16)."""
-    model = load_model(path, dtype=base_dtype(cfg), tokenizer=tokenizer, copy=True)  # an adapter comes back merged
+    dtype = base_dtype(cfg, load_config(path).n_embd)
+    model = load_model(path, dtype=dtype, tokenizer=tokenizer, copy=True)  # an adapter comes back merged
     set_dropout(model, cfg.dropout)
     if cfg.method == "lora":
         torch.manual_seed(cfg.seed)  # A's random init: the same run from the same seed
@@ -288,9 +290,10 @@ def load_for_finetuning(path: str | Path, cfg: FinetuneConfig, tokenizer: Tokeni
     return model
 
 
-def base_dtype(cfg: FinetuneConfig) -> torch.dtype | Callable[[str], torch.dtype]:
-    """The dtype of each tensor of the starting checkpoint, for load_model."""
-    if cfg.method == "lora" and cfg.bf16(resolve_device(cfg.device).type):
+def base_dtype(cfg: FinetuneConfig, width: int | None = None) -> torch.dtype | Callable[[str], torch.dtype]:
+    """The dtype of each tensor of the starting checkpoint (a model `width` wide), for load_model:
+    bf16 for a LoRA run's frozen Linears wherever fit() will train it under bf16 autocast."""
+    if cfg.method == "lora" and cfg.bf16(resolve_device(cfg.device).type, width):
         return lambda name: torch.bfloat16 if lora.frozen_bf16(name) else torch.float32
     return torch.float32
 
