@@ -2,8 +2,10 @@
 
     python benchmarks/gpu/check.py [--model gpt2] [--batch 16] [--seq 1024] [--steps 20]
 
-Trains gpt2lab's GPT and transformers' GPT2LMHeadModel (same weights, same fused AdamW, bf16
-autocast) in one run, eager and compiled, and prints tokens/s, MFU and the ratio. Needs CUDA.
+Trains gpt2lab's GPT (its fused head loss, as fit() does, and full logits + F.cross_entropy) and
+transformers' GPT2LMHeadModel (same weights, same fused AdamW, bf16 autocast) in one run, eager and
+compiled, and prints tokens/s, MFU and the ratio. Needs CUDA. For MFU at other batch sizes, run it
+again with --batch 8, 32.
 """
 
 from __future__ import annotations
@@ -34,14 +36,14 @@ def flops_per_token(cfg, seq: int) -> float:
     return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq
 
 
-def train_speed(model, logits_of, batch: int, seq: int, steps: int, vocab: int) -> float:
+def train_speed(model, loss_of, batch: int, seq: int, steps: int, vocab: int) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), fused=True)
     x = torch.randint(0, vocab, (batch, seq + 1), device="cuda")
     inp, tgt = x[:, :-1], x[:, 1:]
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = F.cross_entropy(logits_of(model, inp).flatten(0, 1).float(), tgt.flatten())
+            loss = loss_of(model, inp, tgt)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -118,12 +120,13 @@ def main() -> None:
     theirs.train()
     results = {}
     for compiled in (False, True):
-        for name, model, logits_of in (
-            ("gpt2lab", ours, lambda m, x: m(x)),
-            ("transformers", theirs, lambda m, x: m(x).logits),
+        for name, model, loss_of in (
+            ("gpt2lab", ours, lambda m, x, y: m(x, targets=y)),  # the fused head loss, as fit() trains
+            ("gpt2lab logits", ours, lambda m, x, y: F.cross_entropy(m(x).flatten(0, 1).float(), y.flatten())),
+            ("transformers", theirs, lambda m, x, y: F.cross_entropy(m(x).logits.flatten(0, 1).float(), y.flatten())),
         ):
             run = torch.compile(model) if compiled else model
-            tps = train_speed(run, logits_of, args.batch, args.seq, args.steps, cfg.vocab_size)
+            tps = train_speed(run, loss_of, args.batch, args.seq, args.steps, cfg.vocab_size)
             key = f"{name}{' +compile' if compiled else ''}"
             results[key] = tps
             print(f"train {args.model} bf16 B={args.batch} T={args.seq} {key:22s} {tps:10.0f} tok/s  "

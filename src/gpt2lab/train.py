@@ -325,8 +325,11 @@ class _Trainer:
         bf16 = cfg.bf16(self.device.type, model.config.n_embd)
         wrapped = distributed.wrap(model, fsdp=cfg.fsdp, device=self.device, bf16=bf16)
         self.wrapped = torch.compile(wrapped) if cfg.compile else wrapped
+        # Fused AdamW (one kernel for every tensor) on a GPU without FSDP; elsewhere torch's default
+        # (on CPU, fused=True measured no faster on the benchmark's 6 x 384 model).
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                           betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+                                           betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                           fused=(self.device.type == "cuda" and not cfg.fsdp) or None)
         self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
         if state is not None:
             distributed.load_optimizer_state(model, self.optimizer, state.optimizer)
