@@ -11,7 +11,8 @@ to the size asked for. All three engines use GPT-2's vocabulary from the same tw
 "single" encodes the whole text as one string on one thread; "batch" encodes it as documents of
 ~doc-kb KB with each engine's batch call on every core; "one text" passes the whole text as a
 batch of one (gpt2lab cuts it at safe pre-token boundaries; the others encode it on one core).
-Runs are interleaved (machines are noisy); the figure to read is the ratio to tiktoken in the same run.
+Runs are interleaved, in alternating order (machines are noisy); the figure to read is the ratio
+to tiktoken in the same run.
 """
 
 from __future__ import annotations
@@ -96,9 +97,11 @@ def main() -> None:
 
     times: dict[tuple[str, str], list[float]] = {}
     ids: dict[str, list] = {}
-    for _ in range(args.repeats):  # interleaved, so drifts in machine load hit every engine alike
+    for r in range(args.repeats):  # interleaved, so drifts in machine load hit every engine alike
         for mode in inputs:
-            for name, fns in runs.items():
+            # Every other round in reverse order: what runs first (a cold cache, a frequency step)
+            # must not favour one engine.
+            for name, fns in (runs.items() if r % 2 == 0 else reversed(runs.items())):
                 t0 = time.perf_counter()
                 out = fns[mode](inputs[mode])
                 times.setdefault((name, mode), []).append(time.perf_counter() - t0)
