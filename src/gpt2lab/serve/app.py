@@ -40,6 +40,7 @@ from .protocol import (
 )
 
 PUBLIC = ("/health", "/", "/static/", "/favicon.ico")  # open without the API key (the playground asks for it)
+POLL_S = 0.25  # how often a plain (non-streaming) request checks that its client is still there
 
 
 @dataclass(frozen=True)
@@ -143,14 +144,20 @@ class Job:
             seq.cancel()
 
     async def events(self, request: Request | None = None) -> AsyncIterator[tuple[int, Event, float]]:
-        """Events until every sequence has finished; with `request`, cancel when its client leaves."""
+        """Events until every sequence has finished; with `request`, cancel when its client leaves
+        (polled every POLL_S, whether or not events keep coming)."""
+        checked = time.monotonic()
         while self.open:
             try:
-                index, event, at = await asyncio.wait_for(self.queue.get(), timeout=0.25)
+                index, event, at = await asyncio.wait_for(self.queue.get(), timeout=POLL_S)
             except TimeoutError:
-                if request is not None and await request.is_disconnected():
+                event = None
+            if request is not None and time.monotonic() - checked >= POLL_S:
+                checked = time.monotonic()
+                if await request.is_disconnected():
                     self.cancel()
                     return
+            if event is None:
                 continue
             if event.finish_reason is not None:
                 self.open -= 1
@@ -319,21 +326,7 @@ def create_app(engine: Engine, tokenizer: Any, *, model_name: str, api_key: str 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Response:
-        path = request.url.path
-        public = path in PUBLIC or path.startswith("/static/")
-        if api_key is not None and not public and request.method != "OPTIONS":
-            given = request.headers.get("authorization", "")
-            token = given[7:] if given.lower().startswith("bearer ") else ""
-            if not secrets.compare_digest(token.encode(), api_key.encode()):
-                error = APIError(401, "Incorrect API key provided: pass it as `Authorization: Bearer KEY`",
-                                 type="invalid_request_error", code="invalid_api_key")
-                return JSONResponse(error.body(), status_code=401)
-        response = await call_next(request)
-        if path.startswith("/v1/"):
-            server.metrics.requests.labels(str(response.status_code)).inc()
-        return response
+    app.add_middleware(_Guard, api_key=api_key, metrics=server.metrics)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
@@ -516,6 +509,37 @@ def _stream(server: Server, job: Job, choices: list[Choice], head: dict[str, Any
     server.streams += 1
     return _Stream(events(), close, media_type="text/event-stream",
                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class _Guard:
+    """The API key and the request counter, as plain ASGI middleware. Starlette's BaseHTTPMiddleware
+    (`@app.middleware("http")`) would hide a client's disconnect from the routes behind it, and a
+    plain request whose client left would then run to its end."""
+
+    def __init__(self, app: Any, *, api_key: str | None, metrics: Metrics) -> None:
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        public = path in PUBLIC or path.startswith("/static/")
+        if self.api_key is not None and not public and scope["method"] != "OPTIONS":
+            given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not secrets.compare_digest(token.encode(), self.api_key.encode()):
+                error = APIError(401, "Incorrect API key provided: pass it as `Authorization: Bearer KEY`",
+                                 type="invalid_request_error", code="invalid_api_key")
+                return await JSONResponse(error.body(), status_code=401)(scope, receive, send)
+        if not path.startswith("/v1/"):
+            return await self.app(scope, receive, send)
+
+        async def counted(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counted)
 
 
 class _Stream(StreamingResponse):
