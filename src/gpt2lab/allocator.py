@@ -22,6 +22,7 @@ GPT2LAB_MALLOC=default, or on a libc other than glibc.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 
@@ -30,6 +31,19 @@ MOST = 2**31 - 1  # mallopt takes an int
 SETTINGS = {M_MMAP_THRESHOLD: MOST, M_TRIM_THRESHOLD: MOST, M_TOP_PAD: 1 << 30}
 
 _tuned = False
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """glibc, loaded once (platform.libc_ver() reads the Python binary: not for every call)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return libc
 
 
 def user_chose() -> bool:
@@ -41,23 +55,12 @@ def user_chose() -> bool:
 def tune() -> bool:
     """Apply SETTINGS to glibc's malloc, once; whether they are now in effect."""
     global _tuned
-    if _tuned:
-        return True
-    if user_chose() or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    _tuned = all(libc.mallopt(param, value) == 1 for param, value in SETTINGS.items())
+    if not _tuned and not user_chose() and (libc := _glibc()) is not None:
+        _tuned = all(libc.mallopt(param, value) == 1 for param, value in SETTINGS.items())
     return _tuned
 
 
 def release() -> None:
     """Return the heap's free pages to the OS now (glibc's malloc_trim), e.g. after loading weights."""
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+    if (libc := _glibc()) is not None:
+        libc.malloc_trim(0)

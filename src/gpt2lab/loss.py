@@ -101,12 +101,11 @@ class _HeadLoss(torch.autograd.Function):
                 total += loss
                 p[torch.arange(len(ts), device=p.device), ts] -= 1  # d(loss)/d(logits), times the denominator
                 grad_h[s:s + CHUNK] = p @ wc
-                if grad_w is None:
-                    pass
-                elif dtype == torch.float32:
-                    grad_w.addmm_(p.t(), hs)
-                else:
-                    grad_w += hs.t() @ p
+                if grad_w is not None:
+                    if dtype == torch.float32:
+                        grad_w.addmm_(p.t(), hs)
+                    else:
+                        grad_w += hs.t() @ p
             grad_h /= denominator
             if grad_w is not None:
                 grad_w = (grad_w if dtype == torch.float32 else grad_w.t()).div_(denominator).to(w.dtype)
