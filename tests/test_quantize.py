@@ -2,11 +2,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gpt2lab import gemv
 from gpt2lab.config import preset
 from gpt2lab.errors import GenerationError
 from gpt2lab.generate import Generator
 from gpt2lab.model import GPT
-from gpt2lab.quantize import Int8Embedding, Int8Linear, PackedLinear, prepare, quantize_rows
+from gpt2lab.quantize import Int8Linear, KernelLinear, PackedLinear, TiedEmbedding, prepare, quantize_rows
 
 
 def test_quantize_rows_rounds_to_the_nearest_step_of_each_row():
@@ -43,15 +44,24 @@ def test_packed_linear_equals_plain_linear(dtype, tol):
     torch.testing.assert_close(packed(x[0, :1]), F.linear(x[0, :1], linear.weight, linear.bias), atol=tol, rtol=tol)
 
 
-def test_packed_fp32_model_equals_the_plain_model():
+@pytest.mark.parametrize("kernel", [True, False])
+def test_packed_fp32_model_equals_the_plain_model(kernel, monkeypatch):
+    if not kernel:
+        monkeypatch.setattr(gemv, "kernels", lambda: None)  # a machine where gemv.cpp cannot be built
+    elif gemv.kernels() is None:
+        pytest.skip("needs AVX-512 and a C++ compiler")
     torch.manual_seed(0)
     ref = GPT(preset("gpt2-nano", vocab_size=97)).eval()
     packed = GPT(ref.config)
     packed.load_state_dict(ref.state_dict())
     prepare(packed, "fp32")
-    assert isinstance(packed.lm_head, PackedLinear)
-    # fp32 weights are used in place: the head is the embedding's storage, not a copy.
-    assert packed.lm_head.weight.data_ptr() == packed.transformer.wte.weight.data_ptr()
+    if kernel:  # the head is packed once and the embedding reads its rows: no second copy
+        assert isinstance(packed.lm_head, KernelLinear) and isinstance(packed.transformer.wte, TiedEmbedding)
+        assert packed.transformer.wte.head[0] is packed.lm_head
+        assert not any(t.shape == (97, 48) for t in [*packed.parameters(), *packed.buffers()])
+    else:  # oneDNN uses fp32 weights in place: the head is the embedding's storage, not a copy.
+        assert isinstance(packed.lm_head, PackedLinear)
+        assert packed.lm_head.weight.data_ptr() == packed.transformer.wte.weight.data_ptr()
     idx = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(packed(idx), ref(idx), atol=1e-5, rtol=1e-5)
@@ -82,16 +92,27 @@ def test_modes_stay_close_to_fp32(mode):
 
 def test_int8_quantizes_the_tied_embedding_once():
     model = prepare(GPT(preset("gpt2-nano", vocab_size=97)), "int8")
-    assert isinstance(model.lm_head, Int8Linear) and isinstance(model.transformer.wte, Int8Embedding)
+    assert isinstance(model.lm_head, Int8Linear) and isinstance(model.transformer.wte, TiedEmbedding)
     assert model.transformer.wte.head[0] is model.lm_head
-    int8 = [b for b in model.buffers() if b.dtype == torch.int8]
-    assert sum(b.numel() for b in int8) == 97 * 48 + 3 * (48 * 144 + 48 * 48 + 48 * 192 + 192 * 48)
-    assert not any(p.dtype == torch.float32 for p in model.parameters())
+    linears = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    weights = 97 * 48 + 3 * (48 * 144 + 48 * 48 + 48 * 192 + 192 * 48)
+    assert sum(m.in_features * m.out_features for m in linears) == weights
+    assert len([b for b in model.buffers() if b.dtype == torch.int8]) == len(linears)  # no second copy
+    biases = {id(m.bias) for m in linears}  # float32 for gpt2lab's kernel, as its scales
+    assert not any(p.dtype == torch.float32 for p in model.parameters() if id(p) not in biases)
 
 
 def test_unknown_mode_is_rejected():
     with pytest.raises(GenerationError, match="unknown mode 'fp8'; choose one of fp32, bf16, int8"):
         prepare(GPT(preset("gpt2-nano", vocab_size=97)), "fp8")
+
+
+@pytest.mark.parametrize("first", ["fp32", "bf16", "int8"])
+def test_a_prepared_model_is_not_prepared_again(first):
+    model = prepare(GPT(preset("gpt2-nano", vocab_size=97)), first)
+    for mode in ("fp32", "int8"):
+        with pytest.raises(GenerationError, match="already prepared for a speed mode"):
+            prepare(model, mode)
 
 
 @pytest.mark.parametrize("mode", ["bf16", "int8"])
@@ -133,6 +154,7 @@ def test_load_converts_tensor_by_tensor_to_the_model_prepare_gives(mode, fmt, tm
     model = GPT(preset("gpt2-nano", vocab_size=301))
     (save_checkpoint if fmt == "gpt2lab" else export_hf)(model, tmp_path / "ckpt")
     alive: list[weakref.ref] = []
+    read: list[str] = []
     real = checkpoint.read_tensors
 
     def spy(*args, **kwargs):
@@ -141,12 +163,15 @@ def test_load_converts_tensor_by_tensor_to_the_model_prepare_gives(mode, fmt, tm
             if mode != "fp32":
                 assert all(ref() is None for ref in alive), f"a float32 tensor was still held when {name} was read"
             assert t.dtype == torch.float32 and t.untyped_storage().nbytes() == t.numel() * 4  # its own memory
-            alive.append(weakref.ref(t))
+            read.append(name)
+            if not (mode == "int8" and name.endswith(".bias")):  # int8 keeps Linear biases in float32
+                alive.append(weakref.ref(t))
             yield name, t
 
     monkeypatch.setattr(checkpoint, "read_tensors", spy)
     loaded = quantize.load(tmp_path / "ckpt", mode)
-    assert len(alive) == len(model.state_dict()) - 1  # every tensor read once; the tied head is not stored
+    # every tensor read once; the tied head is not stored
+    assert len(read) == len(set(read)) == len(model.state_dict()) - 1
     held = [*loaded.parameters(), *loaded.buffers()]
     assert all(t.is_contiguous() or t.is_mkldnn for t in held)
     if mode == "fp32":

@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
@@ -58,7 +59,7 @@ class Live:
 
 
 @pytest.fixture(scope="module")
-def gen(tmp_path_factory) -> Generator:
+def tiny_path(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     tok = Tokenizer.gpt2()
     path = tmp_path_factory.mktemp("serve") / "tiny"
@@ -69,7 +70,12 @@ def gen(tmp_path_factory) -> Generator:
             block.mlp.c_fc.weight.mul_(3)
             block.mlp.c_proj.weight.mul_(10)
     save_checkpoint(model, path, tokenizer=tok)
-    return Generator.load(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_path) -> Generator:
+    return Generator.load(tiny_path)
 
 
 @pytest.fixture(scope="module")
@@ -437,15 +443,12 @@ def test_serve_without_its_extra_says_how_to_install_it(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("mode", ["fp32", "bf16", "int8"])
-def test_batching_does_not_change_greedy_tokens_in_each_speed_mode(gen, mode):
+def test_batching_does_not_change_greedy_tokens_in_each_speed_mode(tiny_path, gen, mode):
     """(At this width every mode's matrix products compute a row the same whatever the batch; at GPT-2's
     own width bf16's MLP output projection does not, see the serving guide.)"""
-    import copy
-
-    from gpt2lab.quantize import prepare
     from gpt2lab.serve.engine import Sampling, Seq
 
-    engine = Engine(prepare(copy.deepcopy(gen.model), mode), gen.tokenizer, max_batch=16).start()
+    engine = Engine(Generator.load(tiny_path, mode=mode).model, gen.tokenizer, max_batch=16).start()
     prompts = [gen.tokenizer.encode(f"Client {i} asks about " + "word " * (i % 7)) for i in range(12)]
 
     def run(batch: list[list[int]]) -> list[list[int]]:

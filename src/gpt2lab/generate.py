@@ -39,7 +39,7 @@ import torch
 from .device import resolve_device
 from .errors import GenerationError
 from .model import GPT
-from .quantize import Mode, PackedLinear
+from .quantize import KernelLinear, Mode, PackedLinear
 from .stoptext import StopText
 
 Finish = Literal["length", "eot", "stop", "context"]
@@ -282,8 +282,9 @@ class Generator:
         if self.eot_id is None and model.config.vocab_size == 50257:
             self.eot_id = 50256  # GPT-2's <|endoftext|>
         self.n_ctx = model.config.n_ctx
-        if compile and any(isinstance(m, PackedLinear) for m in model.modules()):
-            raise GenerationError("torch.compile cannot trace oneDNN-packed weights: prepare the model with "
+        if compile and any(isinstance(m, PackedLinear | KernelLinear) or getattr(m, "packed", False)
+                           for m in model.modules()):
+            raise GenerationError("torch.compile cannot trace packed weights: prepare the model with "
                                   "quantize.prepare(model, mode, pack=False) to compile it")
         self._cache: list[Any] = []  # the blocks' KVCache objects, attached to the model while generating
         self._hidden: Callable[..., torch.Tensor] = (

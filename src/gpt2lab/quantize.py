@@ -3,13 +3,14 @@
 Decoding one token reads every weight once, so on a CPU its speed is set by memory bandwidth:
 halving the bytes per weight roughly doubles tokens per second.
 
-    fp32  the model as trained. Linear layers are computed by oneDNN, which streams the weights
-          about twice as fast as F.linear does for one row (M=1 GEMV) on two threads.
+    fp32  the model as trained. Linear layers are computed by gpt2lab's kernel (gemv.py) from
+          weights packed for streaming, or, where it cannot be built, by oneDNN; both stream the
+          weights faster than F.linear does for one row (M=1 GEMV) on two threads.
     bf16  weights and activations in bfloat16, Linear layers on oneDNN with weights prepacked
           into its blocked layout (plain F.linear in bf16 is slower than fp32 for one row).
-    int8  every Linear's weight (and the tied embedding / output head) as int8 with one bf16
-          scale per output row (symmetric, round to nearest); activations in bfloat16. The
-          matmul dequantizes on the fly (aten's _weight_int8pack_mm), so a weight costs 1 byte.
+    int8  every Linear's weight (and the tied embedding / output head) as int8 with one scale
+          per output row (symmetric, round to nearest); the weights are widened in the matmul
+          (gpt2lab's kernel, or aten's _weight_int8pack_mm), so a weight costs 1 byte.
 
 These modules are for inference only: they hold no gradients and are not saved by checkpoint.
 `load` builds a model in a mode straight from a checkpoint, converting tensor by tensor, so that
@@ -25,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import allocator
+from . import allocator, gemv
 from .errors import GenerationError
 from .model import GPT
 
@@ -58,6 +59,8 @@ def load(path: str | Path, mode: Mode, *, tokenizer: Tokenizer | None = None,
     for name, t in stored:
         if mode == "int8" and name in weights:
             tensors[name] = quantize_rows(t)
+        elif mode == "int8" and name.removesuffix(".bias") + ".weight" in weights:
+            tensors[name] = t.contiguous()  # a Linear's bias: Int8Linear picks its dtype, as in prepare
         else:  # contiguous: an HF folder's transposed weights, in the layout oneDNN reads fastest
             tensors[name] = t.to(torch.float32 if mode == "fp32" else torch.bfloat16).contiguous()
         del t
@@ -78,7 +81,7 @@ def _assemble_int8(model: GPT, tensors: dict[str, Any]) -> GPT:
                 key = f"{prefix}.{name}"
                 setattr(parent, name, Int8Linear(*tensors.pop(key + ".weight"), tensors.pop(key + ".bias")))
     model.lm_head = Int8Linear(*tensors.pop("transformer.wte.weight"), None)
-    model.transformer.wte = Int8Embedding(model.lm_head)
+    model.transformer.wte = TiedEmbedding(model.lm_head)
     for key, t in tensors.items():  # positions, LayerNorms
         module, _, attr = key.rpartition(".")
         setattr(model.get_submodule(module), attr, nn.Parameter(t, requires_grad=False))
@@ -96,19 +99,32 @@ def prepare(model: GPT, mode: Mode, *, pack: bool = True) -> GPT:
     """
     if mode not in MODES:
         raise GenerationError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if not isinstance(model.transformer.wte, nn.Embedding) or any(
+            isinstance(m, PackedLinear | KernelLinear | Int8Linear) for m in model.modules()):
+        raise GenerationError("this model was already prepared for a speed mode; prepare a model as loaded "
+                              "(load_model), or load it in its mode with quantize.load(path, mode)")
     model.eval()
     if mode in ("fp32", "bf16"):
         model.to(torch.float32 if mode == "fp32" else torch.bfloat16)
-        if pack and _has_mkldnn_linear() and model.transformer.ln_f.weight.device.type == "cpu":
+        cpu = model.transformer.ln_f.weight.device.type == "cpu"
+        if pack and cpu and mode == "fp32" and gemv.kernels() is not None:
+            _replace_linears(model, lambda linear: KernelLinear(linear.weight, linear.bias))
+            model.lm_head = KernelLinear(model.transformer.wte.weight, None)  # packed once, read by both
+            model.transformer.wte = TiedEmbedding(model.lm_head)
+        elif pack and cpu and _has_mkldnn_linear():
             _replace_linears(model, lambda linear: PackedLinear(linear.weight, linear.bias))
             model.lm_head = PackedLinear(model.transformer.wte.weight, None)
         return model
     # int8: quantize from the original weights, then the rest (LayerNorms, biases, positions) to bf16.
-    _replace_linears(model, Int8Linear.from_linear)
+    _replace_linears(model, lambda linear: Int8Linear.from_weight(linear.weight, linear.bias, pack=pack))
     # The output head and the token embedding are one matrix in GPT-2: quantize it once.
-    model.lm_head = Int8Linear.from_weight(model.transformer.wte.weight, None)
-    model.transformer.wte = Int8Embedding(model.lm_head)
-    return model.to(torch.bfloat16)
+    model.lm_head = Int8Linear.from_weight(model.transformer.wte.weight, None, pack=pack)
+    model.transformer.wte = TiedEmbedding(model.lm_head)
+    for module in model.modules():  # the rest (LayerNorms, positions) in bf16; Int8Linear keeps its own
+        if not isinstance(module, Int8Linear):
+            for name, p in module.named_parameters(recurse=False):
+                setattr(module, name, nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False))
+    return model
 
 
 def _linears(model: GPT) -> list[tuple[nn.Module, str, nn.Linear]]:
@@ -160,6 +176,27 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.weight.dtype}"
 
 
+class KernelLinear(nn.Module):
+    """An fp32 Linear on CPU computed by gpt2lab's kernel (gemv.py) from a packed copy of its
+    weight: decoding streams it faster than oneDNN does. A row's result does not depend on
+    the rows batched with it."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", gemv.pack(weight.detach().float()), persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gemv.linear(x, self.weight, self.out_features, None, self.bias)
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        return gemv.rows(self.weight, idx, self.in_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
 # -- int8 ------------------------------------------------------------------------------------
 
 
@@ -177,26 +214,37 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int8Linear(nn.Module):
-    """y = x @ (q * scales).T + bias, with q int8 (N, K) and x, scales, bias in bfloat16."""
+    """y = x @ (q * scales).T + bias, with q int8 (N, K) and one scale per output row.
 
-    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+    On CPUs with AVX-512, gpt2lab's own kernel (gemv.py): q packed for streaming, scales and bias
+    float32, activations widened to float32. Elsewhere aten's _weight_int8pack_mm (CPU) or a
+    dequantizing matmul, with scales, bias and activations in bfloat16.
+    """
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *,
+                 pack: bool = True) -> None:
         super().__init__()
-        self.register_buffer("weight", q, persistent=False)
-        self.register_buffer("scales", scales.to(torch.bfloat16), persistent=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.bfloat16), requires_grad=False)
+        self.out_features, self.in_features = q.shape
+        self.packed = pack and q.device.type == "cpu" and gemv.kernels() is not None
+        dtype = torch.float32 if self.packed else torch.bfloat16
+        self.register_buffer("weight", gemv.pack(q) if self.packed else q, persistent=False)
+        self.register_buffer("scales", scales.to(dtype), persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
         self.fused = hasattr(torch, "_weight_int8pack_mm")
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, pack: bool = True) -> Int8Linear:
         q, scales = quantize_rows(weight)
-        return cls(q, scales, bias)
+        return cls(q, scales, bias, pack=pack)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         return cls.from_weight(linear.weight, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.scales.dtype)
+        x = x.to(torch.bfloat16)
+        if self.packed:
+            return gemv.linear(x, self.weight, self.out_features, self.scales, self.bias)
         if self.fused and x.device.type == "cpu":
             y = torch._weight_int8pack_mm(x.reshape(-1, x.size(-1)), self.weight, self.scales)
             y = y.view(*x.shape[:-1], -1)
@@ -204,21 +252,29 @@ class Int8Linear(nn.Module):
             y = F.linear(x, self.weight.to(x.dtype)) * self.scales
         return y if self.bias is None else y + self.bias
 
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """The int8 rows idx of q, shaped idx.shape + (K,)."""
+        return gemv.rows(self.weight, idx, self.in_features) if self.packed else self.weight[idx]
+
     def dequantized(self) -> torch.Tensor:
         """The weight these int8 values stand for, as float32 (N, K)."""
-        return self.weight.float() * self.scales.float()[:, None]
+        q = gemv.unpack(self.weight, self.out_features, self.in_features) if self.packed else self.weight
+        return q.float() * self.scales.float()[:, None]
 
     def extra_repr(self) -> str:
-        return f"in_features={self.weight.size(1)}, out_features={self.weight.size(0)}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed={self.packed}"
 
 
-class Int8Embedding(nn.Module):
-    """Token embeddings read from an Int8Linear's rows (GPT-2 ties them to the output head)."""
+class TiedEmbedding(nn.Module):
+    """Token embeddings read from the output head's rows (GPT-2 ties the two): an Int8Linear's,
+    dequantized to bf16, or a KernelLinear's fp32 rows, so the matrix is held once."""
 
-    def __init__(self, head: Int8Linear) -> None:
+    def __init__(self, head: Int8Linear | KernelLinear) -> None:
         super().__init__()
         self.head = [head]  # a list, so the head's buffers are not registered twice
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         head = self.head[0]
-        return head.weight[idx].to(head.scales.dtype) * head.scales[idx].unsqueeze(-1)
+        if isinstance(head, KernelLinear):
+            return head.rows(idx)
+        return (head.rows(idx) * head.scales[idx].unsqueeze(-1)).to(torch.bfloat16)

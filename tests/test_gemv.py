@@ -1,0 +1,114 @@
+import warnings
+
+import pytest
+import torch
+
+from gpt2lab import gemv
+from gpt2lab.config import preset
+from gpt2lab.model import GPT
+from gpt2lab.quantize import Int8Linear, prepare, quantize_rows
+
+pytestmark = pytest.mark.skipif(gemv.kernels() is None, reason="needs AVX-512 and a C++ compiler")
+
+WEIGHTS = [torch.float32, torch.bfloat16, torch.int8]
+
+
+def weight(n, k, dtype):
+    if dtype == torch.int8:
+        return torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    return torch.randn(n, k).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", WEIGHTS)
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 64, 4), (1, 100, 37), (3, 1600, 9), (5, 48, 130), (9, 33, 7)])
+def test_linear_equals_a_float64_matmul(dtype, m, k, n):
+    torch.manual_seed(m * k + n)
+    w, x = weight(n, k, dtype), torch.randn(m, k)
+    scale, bias = torch.rand(n) + 0.5, torch.randn(n)
+    want = x.double() @ (w.double() * scale.double()[:, None]).T + bias.double()
+    got = gemv.linear(x, gemv.pack(w), n, scale, bias)
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    torch.testing.assert_close(got.double(), want, atol=1e-4 * k ** 0.5, rtol=1e-5)
+    plain = gemv.linear(x, gemv.pack(w), n)
+    torch.testing.assert_close(plain.double(), x.double() @ w.double().T, atol=1e-4 * k ** 0.5, rtol=1e-5)
+
+
+def test_bf16_activations_come_back_in_bf16():
+    x, w = torch.randn(2, 3, 70).bfloat16(), torch.randn(11, 70)
+    got = gemv.linear(x, gemv.pack(w), 11)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 3, 11)
+    torch.testing.assert_close(got, (x.float() @ w.T).bfloat16(), atol=0.05, rtol=0.01)
+
+
+@pytest.mark.parametrize("dtype", WEIGHTS)
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(dtype):
+    torch.manual_seed(0)
+    w, x = weight(203, 300, dtype), torch.randn(13, 300) * 3
+    packed = gemv.pack(w)
+    whole = gemv.linear(x, packed, 203)
+    for lo, hi in [(0, 1), (5, 6), (2, 9), (4, 13)]:
+        assert torch.equal(gemv.linear(x[lo:hi], packed, 203), whole[lo:hi])
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(gemv.linear(x, packed, 203), whole)  # nor on how many threads share the work
+    finally:
+        torch.set_num_threads(2)
+
+
+@pytest.mark.parametrize("dtype", WEIGHTS)
+def test_pack_keeps_every_weight(dtype):
+    w = weight(37, 100, dtype)
+    packed = gemv.pack(w)
+    assert packed.shape == (10, 100 * w.element_size() // 64 + 1, 4, 64 // w.element_size())
+    assert torch.equal(gemv.unpack(packed, 37, 100), w)
+    idx = torch.tensor([[0, 36], [5, 3]])
+    assert torch.equal(gemv.rows(packed, idx, 100), w[idx])
+
+
+def test_int8_linear_uses_the_kernel_and_matches_its_dequantized_weight():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 50)
+    q8 = Int8Linear.from_linear(linear)
+    assert q8.packed and q8.scales.dtype == torch.float32
+    q, scales = quantize_rows(linear.weight)
+    assert torch.equal(q8.dequantized(), q.float() * scales[:, None])
+    x = torch.randn(4, 96).bfloat16()
+    want = x.double() @ q8.dequantized().double().T + linear.bias.double()
+    torch.testing.assert_close(q8(x).double(), want, atol=0.05, rtol=0.01)  # the output is bf16
+
+
+def test_without_the_kernels_int8_falls_back_to_pytorch(monkeypatch):
+    torch.manual_seed(0)
+    cfg = preset("gpt2-nano", vocab_size=97)
+    ref = GPT(cfg).eval()
+    idx = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        fast = GPT(cfg)
+        fast.load_state_dict(ref.state_dict())
+        kernel = prepare(fast, "int8")(idx).float()
+        monkeypatch.setenv("GPT2LAB_KERNELS", "0")
+        gemv.kernels.cache_clear()
+        try:
+            slow = GPT(cfg)
+            slow.load_state_dict(ref.state_dict())
+            slow = prepare(slow, "int8")
+            assert not slow.lm_head.packed and slow.lm_head.scales.dtype == torch.bfloat16
+            torch.testing.assert_close(slow(idx).float(), kernel, atol=0.1, rtol=0.05)
+        finally:
+            gemv.kernels.cache_clear()
+
+
+def test_a_kernel_that_cannot_be_built_warns_once_and_returns_none(monkeypatch, tmp_path):
+    bad = tmp_path / "gemv.cpp"
+    bad.write_text("this is not C++\n")
+    monkeypatch.setattr(gemv, "SOURCE", bad)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    gemv.kernels.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="could not be built .*using PyTorch's"):
+            assert gemv.kernels() is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert gemv.kernels() is None  # asked again: no second build, no second warning
+    finally:
+        gemv.kernels.cache_clear()
