@@ -108,8 +108,11 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_
   const int64_t M = x.size(0), K = x.size(1), Kp = packed.size(1) * packed.size(3);
   TORCH_CHECK(K <= Kp && Kp - K < packed.size(3), "linear: x has ", K, " features, the weight ", Kp);
   TORCH_CHECK(packed.size(0) * kRows >= N, "linear: the weight has fewer than ", N, " rows");
-  auto xf = torch::zeros({M, Kp}, x.options().dtype(torch::kFloat));
-  xf.narrow(1, 0, K).copy_(x);
+  torch::Tensor xf = x;  // fp32 rows Kp wide: x itself where it already is
+  if (K != Kp || x.scalar_type() != torch::kFloat || !x.is_contiguous()) {
+    xf = torch::zeros({M, Kp}, x.options().dtype(torch::kFloat));
+    xf.narrow(1, 0, K).copy_(x);
+  }
   auto out = torch::empty({M, N}, x.options().dtype(torch::kFloat));
   const float* sp = scale ? scale->data_ptr<float>() : nullptr;
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
