@@ -33,17 +33,22 @@ def test_linear_equals_a_float64_matmul(dtype, m, k, n):
     torch.testing.assert_close(plain.double(), x.double() @ w.double().T, atol=1e-4 * k ** 0.5, rtol=1e-5)
 
 
-def test_bf16_activations_come_back_in_bf16():
-    x, w = torch.randn(2, 3, 70).bfloat16(), torch.randn(11, 70)
-    got = gemv.linear(x, gemv.pack(w), 11)
-    assert got.dtype == torch.bfloat16 and got.shape == (2, 3, 11)
-    torch.testing.assert_close(got, (x.float() @ w.T).bfloat16(), atol=0.05, rtol=0.01)
-
-
 @pytest.mark.parametrize("dtype", WEIGHTS)
-def test_a_rows_result_does_not_depend_on_the_rows_beside_it(dtype):
+def test_bf16_activations_come_back_in_bf16(dtype):
+    """bf16 weights with bf16 activations take AVX512-BF16's dot products where the CPU has them."""
     torch.manual_seed(0)
-    w, x = weight(203, 300, dtype), torch.randn(13, 300) * 3
+    x, w = torch.randn(2, 3, 70).bfloat16(), weight(11, 70, dtype)
+    bias = torch.randn(11)
+    got = gemv.linear(x, gemv.pack(w), 11, None, bias)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 3, 11)
+    want = x.double() @ w.double().T + bias.double()
+    torch.testing.assert_close(got.double(), want, atol=0.02 * want.abs().max().item(), rtol=0.01)
+
+
+@pytest.mark.parametrize(("dtype", "xtype"), [(w, torch.float32) for w in WEIGHTS] + [(torch.bfloat16,) * 2])
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(dtype, xtype):
+    torch.manual_seed(0)
+    w, x = weight(203, 300, dtype), (torch.randn(13, 300) * 3).to(xtype)
     packed = gemv.pack(w)
     whole = gemv.linear(x, packed, 203)
     for lo, hi in [(0, 1), (5, 6), (2, 9), (4, 13)]:

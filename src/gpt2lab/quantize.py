@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import allocator, gemv
+from .device import native_bf16
 from .errors import GenerationError
 from .model import GPT
 
@@ -107,7 +108,8 @@ def prepare(model: GPT, mode: Mode, *, pack: bool = True) -> GPT:
     if mode in ("fp32", "bf16"):
         model.to(torch.float32 if mode == "fp32" else torch.bfloat16)
         cpu = model.transformer.ln_f.weight.device.type == "cpu"
-        if pack and cpu and mode == "fp32" and gemv.kernels() is not None:
+        # bf16 on the kernel only with the CPU's bf16 dot products: widened, it trails oneDNN in batches.
+        if pack and cpu and gemv.kernels() is not None and (mode == "fp32" or native_bf16()):
             _replace_linears(model, lambda linear: KernelLinear(linear.weight, linear.bias))
             model.lm_head = KernelLinear(model.transformer.wte.weight, None)  # packed once, read by both
             model.transformer.wte = TiedEmbedding(model.lm_head)
@@ -177,18 +179,18 @@ class PackedLinear(nn.Module):
 
 
 class KernelLinear(nn.Module):
-    """An fp32 Linear on CPU computed by gpt2lab's kernel (gemv.py) from a packed copy of its
-    weight: decoding streams it faster than oneDNN does. A row's result does not depend on
-    the rows batched with it."""
+    """An fp32 or bf16 Linear on CPU computed by gpt2lab's kernel (gemv.py) from a packed copy of
+    its weight (in the weight's dtype): decoding streams it faster than oneDNN does. A row's
+    result does not depend on the rows batched with it."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", gemv.pack(weight.detach().float()), persistent=False)
+        self.register_buffer("weight", gemv.pack(weight.detach()), persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gemv.linear(x, self.weight, self.out_features, None, self.bias)
+        return gemv.linear(x.to(self.weight.dtype), self.weight, self.out_features, None, self.bias)
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         return gemv.rows(self.weight, idx, self.in_features)
@@ -267,7 +269,7 @@ class Int8Linear(nn.Module):
 
 class TiedEmbedding(nn.Module):
     """Token embeddings read from the output head's rows (GPT-2 ties the two): an Int8Linear's,
-    dequantized to bf16, or a KernelLinear's fp32 rows, so the matrix is held once."""
+    dequantized to bf16, or a KernelLinear's fp32 or bf16 rows, so the matrix is held once."""
 
     def __init__(self, head: Int8Linear | KernelLinear) -> None:
         super().__init__()
