@@ -132,11 +132,17 @@ def test_modes_work_on_weights_loaded_from_a_transformers_folder(mode, tmp_path)
     assert torch.equal(got, want)
 
 
-def test_a_packed_model_cannot_be_compiled_but_an_unpacked_one_can_be_set_up():
-    model = prepare(GPT(preset("gpt2-nano", vocab_size=97)), "bf16")
-    with pytest.raises(GenerationError, match="pack=False"):
-        Generator(model, eot_id=96, compile=True)
-    Generator(prepare(GPT(preset("gpt2-nano", vocab_size=97)), "bf16", pack=False), eot_id=96, compile=True)
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "int8"])
+def test_a_packed_model_cannot_be_compiled_but_an_unpacked_one_can_be_set_up(mode, tmp_path):
+    from gpt2lab import quantize, save_checkpoint
+
+    model = prepare(GPT(preset("gpt2-nano", vocab_size=97)), mode)
+    if any(isinstance(m, PackedLinear | KernelLinear) or getattr(m, "packed", False) for m in model.modules()):
+        with pytest.raises(GenerationError, match="pack=False"):
+            Generator(model, eot_id=96, compile=True)
+    Generator(prepare(GPT(preset("gpt2-nano", vocab_size=97)), mode, pack=False), eot_id=96, compile=True)
+    save_checkpoint(GPT(preset("gpt2-nano", vocab_size=97)), tmp_path / "ckpt")
+    Generator(quantize.load(tmp_path / "ckpt", mode, pack=False), eot_id=96, compile=True)  # what --compile loads
 
 
 @pytest.mark.parametrize("mode", ["fp32", "bf16", "int8"])

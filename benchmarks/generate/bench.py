@@ -144,14 +144,14 @@ def decode_weight_bytes(model) -> int:
     import torch
     import torch.nn as nn
 
-    from gpt2lab.quantize import Int8Linear, PackedLinear
+    from gpt2lab.quantize import Int8Linear, KernelLinear, PackedLinear
 
     total = 0
     for m in model.modules():
-        if isinstance(m, PackedLinear):
+        if isinstance(m, PackedLinear | KernelLinear):  # packed weights may carry padding or blocking
             total += m.in_features * m.out_features * torch.empty((), dtype=m.weight.dtype).element_size()
         elif isinstance(m, Int8Linear):
-            total += m.weight.numel() + m.scales.numel() * m.scales.element_size()
+            total += m.in_features * m.out_features + m.scales.numel() * m.scales.element_size()
         elif isinstance(m, nn.Linear):
             total += m.weight.numel() * m.weight.element_size()
         else:

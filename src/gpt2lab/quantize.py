@@ -71,17 +71,18 @@ def load(path: str | Path, mode: Mode, *, tokenizer: Tokenizer | None = None,
         model.tie_weights()
         del tensors  # prepare packs each Linear's weight; the plain one is freed as it goes
         return prepare(model, mode, pack=pack)
-    return _assemble_int8(model, tensors)
+    return _assemble_int8(model, tensors, pack)
 
 
-def _assemble_int8(model: GPT, tensors: dict[str, Any]) -> GPT:
+def _assemble_int8(model: GPT, tensors: dict[str, Any], pack: bool) -> GPT:
     """Fill a meta model with quantized Linear weights ((q, scales) pairs) and bf16 tensors."""
     for prefix, parent in model.transformer.h.named_modules(prefix="transformer.h"):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 key = f"{prefix}.{name}"
-                setattr(parent, name, Int8Linear(*tensors.pop(key + ".weight"), tensors.pop(key + ".bias")))
-    model.lm_head = Int8Linear(*tensors.pop("transformer.wte.weight"), None)
+                setattr(parent, name, Int8Linear(*tensors.pop(key + ".weight"), tensors.pop(key + ".bias"), pack=pack))
+                allocator.release()  # the unpacked copy's memory goes back to the OS
+    model.lm_head = Int8Linear(*tensors.pop("transformer.wte.weight"), None, pack=pack)
     model.transformer.wte = TiedEmbedding(model.lm_head)
     for key, t in tensors.items():  # positions, LayerNorms
         module, _, attr = key.rpartition(".")

@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <cstring>
 #include <type_traits>
 #include <torch/extension.h>
 
@@ -138,14 +139,25 @@ void rows(const X* x, int64_t M, int64_t Kp, const W* w, int64_t g0, int64_t g1,
 
 }  // namespace
 
-// W (N, K) -> (ceil(N/4), Kp / E, 4, E) with E = 64 bytes of weights, zero-padded.
-torch::Tensor pack(const torch::Tensor& w) {
-  TORCH_CHECK(w.dim() == 2, "pack: a 2-d weight");
-  const int64_t N = w.size(0), K = w.size(1), E = kBytes / w.element_size();
-  const int64_t Kp = (K + E - 1) / E * E, groups = (N + kRows - 1) / kRows;
-  auto padded = torch::zeros({groups * kRows, Kp}, w.options());
-  padded.narrow(0, 0, N).narrow(1, 0, K).copy_(w);
-  return padded.view({groups, kRows, Kp / E, E}).permute({0, 2, 1, 3}).contiguous();
+// W (N, K) -> (ceil(N/4), Kp / E, 4, E) with E = 64 bytes of weights, zero-padded: written in
+// place, row by row, so packing holds W and its packed copy and nothing else.
+torch::Tensor pack(const torch::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2, "pack: a 2-d weight");
+  const auto w = weight.contiguous();
+  const int64_t N = w.size(0), K = w.size(1), size = w.element_size(), E = kBytes / size;
+  const int64_t chunks = (K + E - 1) / E, groups = (N + kRows - 1) / kRows;
+  auto packed = torch::zeros({groups, chunks, kRows, E}, w.options());
+  const char* src = static_cast<const char*>(w.data_ptr());
+  char* dst = static_cast<char*>(packed.data_ptr());
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n++)
+      for (int64_t c = 0; c < chunks; c++) {
+        const int64_t len = std::min(E, K - c * E) * size;
+        std::memcpy(dst + (((n / kRows) * chunks + c) * kRows + n % kRows) * kBytes,
+                    src + (n * K + c * E) * size, len);
+      }
+  });
+  return packed;
 }
 
 // x (M, K) fp32 or bf16; packed from pack(); returns (M, N) in x's dtype.
