@@ -264,8 +264,9 @@ def test_killed_prepare_leaves_no_shard_that_looks_complete(tmp_path, corpus):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "out"]  # ... the next run removes
 
 
-def big_corpus(folder, n_docs: int = 40, mb: float = 0.45):
-    """About n_docs * mb MB of plain words (1-2 s of a real prepare on one core)."""
+def big_corpus(folder, n_docs: int = 40, mb: float = 1.2):
+    """About n_docs * mb MB of plain words: 2 s of a real prepare on one core at 25 MB/s, so that
+    a signal sent once its progress shows lands before it ends, even on a busy machine."""
     rng = np.random.default_rng(0)
     words = "thou art the king and i am thy servant my lord what say you to this good night".split()
     body = " ".join(rng.choice(words, size=int(mb * 2**20 / 4))) + "\n"
