@@ -14,11 +14,13 @@ where it cannot be built, or with GPT2LAB_KERNELS=0, callers use PyTorch's kerne
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +52,31 @@ def kernels() -> Any:
         if not any(build.glob("*.so")):
             print("gpt2lab: compiling the decoding kernels (once per machine, about 30 s)", file=sys.stderr)
         build.mkdir(parents=True, exist_ok=True)
-        return load(name=f"gpt2lab_gemv_{tag}", sources=[str(SOURCE)], extra_cflags=FLAGS,
-                    extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
+        with _ninja_on_path():
+            return load(name=f"gpt2lab_gemv_{tag}", sources=[str(SOURCE)], extra_cflags=FLAGS,
+                        extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
     except Exception as e:  # no compiler or ninja, a read-only cache: PyTorch's kernels still work
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         warnings.warn(f"gpt2lab: the decoding kernels could not be built ({reason}); "
                       "using PyTorch's, which decode more slowly", stacklevel=2)
         return None
+
+
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """PyTorch builds with the `ninja` on PATH: our dependency's, also when the virtual environment
+    is not activated (.venv/bin/gpt2lab), for the duration of the build."""
+    path = os.environ.get("PATH", "")
+    try:
+        import ninja
+
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, path])
+    except ImportError:  # a system ninja may still be there
+        pass
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
