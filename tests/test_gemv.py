@@ -26,10 +26,10 @@ def test_linear_equals_a_float64_matmul(dtype, m, k, n):
     w, x = weight(n, k, dtype), torch.randn(m, k)
     scale, bias = torch.rand(n) + 0.5, torch.randn(n)
     want = x.double() @ (w.double() * scale.double()[:, None]).T + bias.double()
-    got = gemv.linear(x, gemv.pack(w), n, scale, bias)
+    got = gemv.linear(x, gemv.pack(w), n, k, scale, bias)
     assert got.dtype == torch.float32 and got.shape == (m, n)
     torch.testing.assert_close(got.double(), want, atol=1e-4 * k ** 0.5, rtol=1e-5)
-    plain = gemv.linear(x, gemv.pack(w), n)
+    plain = gemv.linear(x, gemv.pack(w), n, k)
     torch.testing.assert_close(plain.double(), x.double() @ w.double().T, atol=1e-4 * k ** 0.5, rtol=1e-5)
 
 
@@ -39,7 +39,7 @@ def test_bf16_activations_come_back_in_bf16(dtype):
     torch.manual_seed(0)
     x, w = torch.randn(2, 3, 70).bfloat16(), weight(11, 70, dtype)
     bias = torch.randn(11)
-    got = gemv.linear(x, gemv.pack(w), 11, None, bias)
+    got = gemv.linear(x, gemv.pack(w), 11, 70, None, bias)
     assert got.dtype == torch.bfloat16 and got.shape == (2, 3, 11)
     want = x.double() @ w.double().T + bias.double()
     torch.testing.assert_close(got.double(), want, atol=0.02 * want.abs().max().item(), rtol=0.01)
@@ -50,14 +50,18 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(dtype, xtype):
     torch.manual_seed(0)
     w, x = weight(203, 3072, dtype), (torch.randn(13, 3072) * 3).to(xtype)  # GPT-2's MLP output width
     packed = gemv.pack(w)
-    whole = gemv.linear(x, packed, 203)
-    for lo, hi in [(0, 1), (5, 6), (2, 9), (4, 13)]:
-        assert torch.equal(gemv.linear(x[lo:hi], packed, 203), whole[lo:hi])
-    torch.set_num_threads(1)
-    try:
-        assert torch.equal(gemv.linear(x, packed, 203), whole)  # nor on how many threads share the work
-    finally:
-        torch.set_num_threads(2)
+    for scale, bias in [(None, None), (torch.rand(203) + 0.5, torch.randn(203))]:  # int8's: both
+        def run(rows, scale=scale, bias=bias):
+            return gemv.linear(rows, packed, 203, 3072, scale, bias)
+
+        whole = run(x)
+        for lo, hi in [(0, 1), (5, 6), (2, 9), (4, 13)]:
+            assert torch.equal(run(x[lo:hi]), whole[lo:hi])
+        torch.set_num_threads(1)
+        try:
+            assert torch.equal(run(x), whole)  # nor on how many threads share the work
+        finally:
+            torch.set_num_threads(2)
 
 
 @pytest.mark.parametrize("dtype", WEIGHTS)
@@ -67,7 +71,7 @@ def test_pack_keeps_every_weight(dtype):
     assert packed.shape == (10, 100 * w.element_size() // 64 + 1, 4, 64 // w.element_size())
     assert torch.equal(gemv.unpack(packed, 37, 100), w)
     idx = torch.tensor([[0, 36], [5, 3]])
-    assert torch.equal(gemv.rows(packed, idx, 100), w[idx])
+    assert torch.equal(gemv.rows(packed, idx, 37, 100), w[idx])
 
 
 def test_int8_linear_uses_the_kernel_and_matches_its_dequantized_weight():
@@ -92,7 +96,7 @@ def test_without_the_kernels_int8_falls_back_to_pytorch(monkeypatch):
         fast.load_state_dict(ref.state_dict())
         kernel = prepare(fast, "int8")(idx).float()
         monkeypatch.setenv("GPT2LAB_KERNELS", "0")
-        gemv.kernels.cache_clear()
+        gemv._kernels.cache_clear()
         try:
             slow = GPT(cfg)
             slow.load_state_dict(ref.state_dict())
@@ -100,7 +104,7 @@ def test_without_the_kernels_int8_falls_back_to_pytorch(monkeypatch):
             assert not slow.lm_head.packed and slow.lm_head.scales.dtype == torch.bfloat16
             torch.testing.assert_close(slow(idx).float(), kernel, atol=0.1, rtol=0.05)
         finally:
-            gemv.kernels.cache_clear()
+            gemv._kernels.cache_clear()
 
 
 def test_a_kernel_that_cannot_be_built_warns_once_and_returns_none(monkeypatch, tmp_path):
@@ -108,7 +112,7 @@ def test_a_kernel_that_cannot_be_built_warns_once_and_returns_none(monkeypatch, 
     bad.write_text("this is not C++\n")
     monkeypatch.setattr(gemv, "SOURCE", bad)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    gemv.kernels.cache_clear()
+    gemv._kernels.cache_clear()
     try:
         with pytest.warns(UserWarning, match="could not be built .*using PyTorch's"):
             assert gemv.kernels() is None
@@ -116,7 +120,7 @@ def test_a_kernel_that_cannot_be_built_warns_once_and_returns_none(monkeypatch, 
             warnings.simplefilter("error")
             assert gemv.kernels() is None  # asked again: no second build, no second warning
     finally:
-        gemv.kernels.cache_clear()
+        gemv._kernels.cache_clear()
 
 
 @pytest.mark.parametrize("mode", ["fp32", "bf16"])
@@ -133,4 +137,42 @@ def test_fp32_and_bf16_modes_hold_the_tied_matrix_once_on_the_kernel(mode):
                for m in [model.lm_head, *(b.mlp.c_fc for b in model.transformer.h)])
     assert isinstance(model.transformer.wte, TiedEmbedding) and model.transformer.wte.head[0] is model.lm_head
     idx = torch.tensor([[0, 5, 96]])
-    assert torch.equal(model.transformer.wte(idx), gemv.rows(model.lm_head.weight, idx, 48))
+    assert torch.equal(model.transformer.wte(idx), gemv.rows(model.lm_head.weight, idx, 97, 48))
+
+
+def test_bad_inputs_are_refused_not_misread():
+    w = torch.randn(10, 40)
+    packed = gemv.pack(w)
+    with pytest.raises(RuntimeError, match="x has 39 features where the weight takes 40"):
+        gemv.linear(torch.randn(2, 39), packed, 10, 40)
+    with pytest.raises(RuntimeError, match="not in pack\\(\\)'s layout"):
+        gemv.linear(torch.randn(2, 40).bfloat16(), packed.bfloat16(), 10, 40)  # converted after packing
+    with pytest.raises(RuntimeError, match="float32 CPU tensors of 10 contiguous values"):
+        gemv.linear(torch.randn(2, 40), packed, 10, 40, torch.rand(1))
+    with pytest.raises(RuntimeError, match="float32 CPU tensors of 10 contiguous values"):
+        gemv.linear(torch.randn(2, 40), packed, 10, 40, None, torch.randn(20)[::2])
+    with pytest.raises(IndexError, match="index out of range"):
+        gemv.rows(packed, torch.tensor([10]), 10, 40)  # a padding row
+    with pytest.raises(IndexError, match="index out of range"):
+        gemv.rows(packed, torch.tensor([-1]), 10, 40)
+
+
+def test_a_killed_build_leaves_nothing_to_wait_on(tmp_path):
+    """A build killed mid-way (timeout, the OOM killer) must not make later runs hang on its lock."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    code = "from gpt2lab import gemv; print(gemv.kernels() is not None)"
+    first = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE)
+    assert b"compiling" in first.stderr.readline()  # it is building now
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=300)
+    assert done.stdout.decode().strip() == "True", done.stderr.decode()
+    again = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=60)
+    assert again.stdout.decode().strip() == "True" and b"compiling" not in again.stderr  # built once, reused
+    kernels = tmp_path / "gpt2lab" / "kernels"
+    assert [p.name.startswith("gemv-") for p in kernels.iterdir()] == [True]  # the killed build's folder is gone

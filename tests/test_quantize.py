@@ -186,3 +186,19 @@ def test_load_converts_tensor_by_tensor_to_the_model_prepare_gives(mode, fmt, tm
     idx = torch.randint(0, 301, (2, 9))
     with torch.no_grad():
         assert torch.equal(loaded(idx), prepare(load_model(tmp_path / "ckpt"), mode)(idx))
+
+
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "int8"])
+def test_a_prepared_model_scores_continuations_like_the_plain_one(mode):
+    """evaluate's scoring runs on a model in any speed mode (the tied embedding may be the head's rows)."""
+    from gpt2lab.evaluate import score_continuations
+
+    torch.manual_seed(0)
+    ref = GPT(preset("gpt2-nano", vocab_size=97)).eval()
+    fast = GPT(ref.config)
+    fast.load_state_dict(ref.state_dict())
+    prepare(fast, mode)
+    requests = [([1, 2, 3], [4, 5]), ([7], [8, 9, 10])]
+    want = [s.logprob for s in score_continuations(ref, requests)]
+    got = [s.logprob for s in score_continuations(fast, requests)]
+    assert got == pytest.approx(want, abs=0.05)

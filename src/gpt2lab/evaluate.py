@@ -147,7 +147,7 @@ def token_logprobs(model: GPT, hidden: torch.Tensor, targets: torch.Tensor) -> t
 def score_windows(model: GPT, ids: Sequence[int], windows: Sequence[Window], *, batch_size: int = 4,
                   progress: bool = False) -> list[float]:
     """The summed negative log-likelihood (nats) of each window's scored tokens."""
-    device = model.transformer.wte.weight.device
+    device = model.transformer.ln_f.weight.device
     ids_t = torch.as_tensor(ids, dtype=torch.long)
     nlls: list[float] = []
     with torch.inference_mode(), tqdm(total=len(windows), unit="window", desc="perplexity",
@@ -204,7 +204,7 @@ def score_continuations(model: GPT, requests: Sequence[tuple[Sequence[int], Sequ
         inputs.append((list(ctx) + list(cont))[-(n_ctx + 1):][:-1])
     # Longest first, as lm-eval: rows of a batch have similar lengths, and running out of memory shows at once.
     order = sorted(range(len(requests)), key=lambda i: -len(inputs[i]))
-    device = model.transformer.wte.weight.device
+    device = model.transformer.ln_f.weight.device
     scores: list[Score | None] = [None] * len(requests)
     with torch.inference_mode(), tqdm(total=len(requests), unit="req", desc="scoring",
                                       disable=None if progress else True) as bar:

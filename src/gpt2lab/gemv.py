@@ -17,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.util
 import os
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,8 +28,13 @@ from typing import Any
 
 import torch
 
+from . import files
+from .errors import GenerationError
+
 SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-fopenmp"]
+# -ffp-contract=off: y * scale + bias must round the same way in every code path (a fused
+# multiply-add in one and not another would make a row's result depend on its batch).
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-fopenmp", "-ffp-contract=off"]
 ROWS, BYTES = 4, 64  # the packed layout: groups of 4 weight rows, interleaved 64 bytes at a time
 
 
@@ -36,30 +43,56 @@ def cache_dir() -> Path:
     return Path(base) / "gpt2lab" / "kernels"
 
 
-@functools.cache
+_building = threading.Lock()
+
+
 def kernels() -> Any:
     """The compiled extension (pack, linear), or None where it cannot run here."""
+    with _building:  # functools.cache alone would let two threads build at once
+        return _kernels()
+
+
+@functools.cache
+def _kernels() -> Any:
     if os.environ.get("GPT2LAB_KERNELS", "1") == "0":
         return None
     if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
         return None
-    source = SOURCE.read_bytes()
-    tag = hashlib.sha256(source + " ".join([torch.__version__, *FLAGS]).encode()).hexdigest()[:12]
-    build = cache_dir() / f"gemv-{tag}"
     try:
-        from torch.utils.cpp_extension import load
-
-        if not any(build.glob("*.so")):
-            print("gpt2lab: compiling the decoding kernels (once per machine, about 30 s)", file=sys.stderr)
-        build.mkdir(parents=True, exist_ok=True)
-        with _ninja_on_path():
-            return load(name=f"gpt2lab_gemv_{tag}", sources=[str(SOURCE)], extra_cflags=FLAGS,
-                        extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
-    except Exception as e:  # no compiler or ninja, a read-only cache: PyTorch's kernels still work
+        source = SOURCE.read_bytes()
+        tag = hashlib.sha256(source + " ".join([torch.__version__, *FLAGS]).encode()).hexdigest()[:12]
+        name, build = f"gpt2lab_gemv_{tag}", cache_dir() / f"gemv-{tag}"
+        library = build / f"{name}.so"
+        if not library.exists():
+            module = _build(name, build)
+            if module is not None:
+                return module
+        spec = importlib.util.spec_from_file_location(name, library)  # a built one: no lock, no compiler
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    except Exception as e:  # no compiler or ninja, no cache folder: PyTorch's kernels still work
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         warnings.warn(f"gpt2lab: the decoding kernels could not be built ({reason}); "
-                      "using PyTorch's, which decode more slowly", stacklevel=2)
+                      "using PyTorch's, which decode more slowly", stacklevel=3)
         return None
+
+
+def _build(name: str, build: Path) -> Any:
+    """Compile into a folder of this process's own that becomes `build` once complete, so a build
+    that is killed leaves nothing another process waits on (files.atomic_dir removes it later).
+    Returns the module, or None if another process finished the same build first."""
+    from torch.utils.cpp_extension import load
+
+    print("gpt2lab: compiling the decoding kernels (once per machine, about 30 s)", file=sys.stderr)
+    module = None
+    try:
+        with files.atomic_dir(build) as tmp, _ninja_on_path():
+            module = load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                          build_directory=str(tmp), verbose=False)
+    except files.DestinationError:  # built meanwhile by another process: ours is loaded all the same
+        pass
+    return module
 
 
 @contextlib.contextmanager
@@ -90,14 +123,24 @@ def unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return packed.permute(0, 2, 1, 3).reshape(groups * rows, chunks * e)[:n, :k].contiguous()
 
 
-def rows(packed: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
-    """Rows idx of a packed weight, shaped idx.shape + (k,)."""
+def rows(packed: torch.Tensor, idx: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Rows idx of a packed weight (n, k), shaped idx.shape + (k,); an id outside [0, n) raises
+    IndexError, as nn.Embedding does."""
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        raise IndexError("index out of range in self")
     picked = packed[idx // ROWS, :, idx % ROWS]  # (..., chunks, E)
     return picked.flatten(-2)[..., :k]
 
 
-def linear(x: torch.Tensor, packed: torch.Tensor, n: int, scale: torch.Tensor | None = None,
+def linear(x: torch.Tensor, packed: torch.Tensor, n: int, k: int, scale: torch.Tensor | None = None,
            bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., K) @ W.T, times scale (n,) and plus bias (n,) (both float32), in x's dtype."""
-    y = kernels().linear(x.reshape(-1, x.size(-1)), packed, n, scale, bias)
+    """x (..., k) @ W.T for a packed W (n, k), times scale (n,) and plus bias (n,) (both float32),
+    in x's dtype."""
+    if x.size(-1) != k:
+        raise RuntimeError(f"x has {x.size(-1)} features where the weight takes {k}")
+    kernel = kernels()
+    if kernel is None:
+        raise GenerationError("this model was prepared with gpt2lab's decoding kernel, which cannot run here: "
+                              "load it again from its checkpoint (quantize.load)")
+    y = kernel.linear(x.reshape(-1, k), packed, n, scale, bias)
     return y.view(*x.shape[:-1], n)

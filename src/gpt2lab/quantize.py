@@ -191,10 +191,10 @@ class KernelLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gemv.linear(x.to(self.weight.dtype), self.weight, self.out_features, None, self.bias)
+        return gemv.linear(x.to(self.weight.dtype), self.weight, self.out_features, self.in_features, None, self.bias)
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
-        return gemv.rows(self.weight, idx, self.in_features)
+        return gemv.rows(self.weight, idx, self.out_features, self.in_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -247,7 +247,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.bfloat16)
         if self.packed:
-            return gemv.linear(x, self.weight, self.out_features, self.scales, self.bias)
+            return gemv.linear(x, self.weight, self.out_features, self.in_features, self.scales, self.bias)
         if self.fused and x.device.type == "cpu":
             y = torch._weight_int8pack_mm(x.reshape(-1, x.size(-1)), self.weight, self.scales)
             y = y.view(*x.shape[:-1], -1)
@@ -257,7 +257,7 @@ class Int8Linear(nn.Module):
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """The int8 rows idx of q, shaped idx.shape + (K,)."""
-        return gemv.rows(self.weight, idx, self.in_features) if self.packed else self.weight[idx]
+        return gemv.rows(self.weight, idx, self.out_features, self.in_features) if self.packed else self.weight[idx]
 
     def dequantized(self) -> torch.Tensor:
         """The weight these int8 values stand for, as float32 (N, K)."""

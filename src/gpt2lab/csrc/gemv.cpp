@@ -164,9 +164,16 @@ torch::Tensor pack(const torch::Tensor& weight) {
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
                      const c10::optional<torch::Tensor>& scale, const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && packed.dim() == 4, "linear: x (M, K) and a packed weight");
+  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu(), "linear: CPU tensors only");
+  TORCH_CHECK(packed.is_contiguous() && packed.size(2) == kRows && packed.size(3) * packed.element_size() == kBytes,
+              "linear: the weight is not in pack()'s layout (was it converted to another dtype after packing?)");
   const int64_t M = x.size(0), K = x.size(1), Kp = packed.size(1) * packed.size(3);
-  TORCH_CHECK(K <= Kp && Kp - K < packed.size(3), "linear: x has ", K, " features, the weight ", Kp);
-  TORCH_CHECK(packed.size(0) * kRows >= N, "linear: the weight has fewer than ", N, " rows");
+  TORCH_CHECK(K > 0 && K <= Kp && Kp - K < packed.size(3), "linear: x has ", K, " features, the weight ", Kp);
+  TORCH_CHECK(N > 0 && packed.size(0) == (N + kRows - 1) / kRows, "linear: the weight does not have ", N, " rows");
+  for (const auto* t : {&scale, &bias})
+    TORCH_CHECK(!*t || ((*t)->scalar_type() == torch::kFloat && (*t)->is_contiguous() && (*t)->device().is_cpu() &&
+                        (*t)->numel() == N),
+                "linear: scale and bias must be float32 CPU tensors of ", N, " contiguous values");
   const auto dtype = packed.scalar_type();
   TORCH_CHECK(dtype == torch::kFloat || dtype == torch::kBFloat16 || dtype == torch::kChar,
               "linear: weights must be float32, bfloat16 or int8");
