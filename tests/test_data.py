@@ -264,9 +264,8 @@ def test_killed_prepare_leaves_no_shard_that_looks_complete(tmp_path, corpus):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "out"]  # ... the next run removes
 
 
-def big_corpus(folder, n_docs: int = 40, mb: float = 1.2):
-    """About n_docs * mb MB of plain words: 2 s of a real prepare on one core at 25 MB/s, so that
-    a signal sent once its progress shows lands before it ends, even on a busy machine."""
+def big_corpus(folder, n_docs: int = 40, mb: float = 0.45):
+    """About n_docs * mb MB of plain words (about 1 s of a real prepare on one core)."""
     rng = np.random.default_rng(0)
     words = "thou art the king and i am thy servant my lord what say you to this good night".split()
     body = " ".join(rng.choice(words, size=int(mb * 2**20 / 4))) + "\n"
@@ -313,7 +312,10 @@ def prepare_under_way(corpus: Path, out: Path) -> tuple[subprocess.Popen, bytes]
     """A real `gpt2lab prepare` subprocess, returned once its progress bar first advances (no sleeps),
     with the stderr it printed so far."""
     cmd = [sys.executable, "-m", "gpt2lab", "prepare", str(corpus), "--out", str(out), "--workers", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # SIGINT as a terminal delivers it: a suite started in the background (`make test &`) inherits
+    # it ignored, and Python then never turns it into KeyboardInterrupt.
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = b""
     while seen.count(b"\r") < 2:
         chunk = os.read(proc.stderr.fileno(), 4096)
