@@ -138,7 +138,7 @@ def linear(x: torch.Tensor, packed: torch.Tensor, n: int, k: int, scale: torch.T
     in x's dtype."""
     if x.size(-1) != k:
         raise RuntimeError(f"x has {x.size(-1)} features where the weight takes {k}")
-    kernel = kernels()
+    kernel = _kernels()  # built already if a model holds packed weights: no lock on this hot path
     if kernel is None:
         raise GenerationError("this model was prepared with gpt2lab's decoding kernel, which cannot run here: "
                               "load it again from its checkpoint (quantize.load)")

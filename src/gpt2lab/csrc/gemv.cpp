@@ -35,6 +35,21 @@ template <> inline __m512 widen<int8_t>(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 
+// The outputs of group g: each accumulator's sum, times its row's scale, plus its bias.
+template <int MT>
+inline void store(const __m512 (&acc)[MT][kRows], int64_t g, int64_t N, const float* scale, const float* bias,
+                  float* out) {
+  for (int j = 0; j < kRows && g * kRows + j < N; j++) {
+    const int64_t n = g * kRows + j;
+    for (int m = 0; m < MT; m++) {
+      float y = _mm512_reduce_add_ps(acc[m][j]);
+      if (scale) y *= scale[n];
+      if (bias) y += bias[n];
+      out[m * N + n] = y;
+    }
+  }
+}
+
 // Rows [0, MT) of x (fp32, Kp wide) against groups [g0, g1) of packed W.
 template <typename W, int MT>
 void tile(const float* x, int64_t Kp, const W* w, int64_t g0, int64_t g1, int64_t N,
@@ -59,15 +74,7 @@ void tile(const float* x, int64_t Kp, const W* w, int64_t g0, int64_t g1, int64_
         }
       }
     }
-    for (int j = 0; j < kRows && g * kRows + j < N; j++) {
-      const int64_t n = g * kRows + j;
-      for (int m = 0; m < MT; m++) {
-        float y = _mm512_reduce_add_ps(acc[m][j]);
-        if (scale) y *= scale[n];
-        if (bias) y += bias[n];
-        out[m * N + n] = y;
-      }
-    }
+    store<MT>(acc, g, N, scale, bias, out);
   }
 }
 
@@ -95,15 +102,7 @@ void tile_dp(const at::BFloat16* x, int64_t Kp, const at::BFloat16* w, int64_t g
         for (int j = 0; j < kRows; j++) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], xv, wv[j]);
       }
     }
-    for (int j = 0; j < kRows && g * kRows + j < N; j++) {
-      const int64_t n = g * kRows + j;
-      for (int m = 0; m < MT; m++) {
-        float y = _mm512_reduce_add_ps(acc[m][j]);
-        if (scale) y *= scale[n];
-        if (bias) y += bias[n];
-        out[m * N + n] = y;
-      }
-    }
+    store<MT>(acc, g, N, scale, bias, out);
   }
 }
 
