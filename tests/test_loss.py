@@ -30,9 +30,11 @@ def grads(fn, h: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return out.detach(), h.grad, w.grad
 
 
+@pytest.mark.parametrize("align", [1, 64], ids=["unpadded", "padded"])
 @pytest.mark.parametrize("masked", [False, True], ids=["all", "masked"])
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-def test_loss_and_gradients_equal_cross_entropy_over_full_logits(small_chunks, bf16, masked):
+def test_loss_and_gradients_equal_cross_entropy_over_full_logits(small_chunks, monkeypatch, bf16, masked, align):
+    monkeypatch.setattr(head, "ALIGN", {"cpu": align})  # padded: the head's 300 columns become 320, as on a GPU
     torch.manual_seed(0)
     h, w = torch.randn(2, 75, 32), torch.randn(300, 32) * 0.5
     w.requires_grad_(True)
@@ -56,7 +58,9 @@ def test_loss_and_gradients_equal_cross_entropy_over_full_logits(small_chunks, b
         assert ours[1][mask == 0].abs().max() == 0  # masked positions get no gradient
 
 
-def test_a_frozen_head_gets_no_gradient_and_evaluation_needs_none(small_chunks):
+@pytest.mark.parametrize("align", [1, 64], ids=["unpadded", "padded"])
+def test_a_frozen_head_gets_no_gradient_and_evaluation_needs_none(small_chunks, monkeypatch, align):
+    monkeypatch.setattr(head, "ALIGN", {"cpu": align})
     torch.manual_seed(0)
     h, w, t = torch.randn(1, 150, 16), torch.randn(50, 16), torch.randint(50, (1, 150))
     loss, grad_h, grad_w = grads(lambda h, w: head_loss(h, w, t), h, w)  # w.requires_grad is False
@@ -112,9 +116,46 @@ def test_without_a_compiler_the_loss_runs_eagerly_and_says_so_once(monkeypatch, 
 def test_the_compiled_softmax_is_the_eager_one(monkeypatch):
     torch.manual_seed(0)
     logits, t = (torch.randn(300, 5000) * 4).bfloat16(), torch.randint(5000, (300,))
-    eager = head._softmax(logits, t)
+    eager = head._softmax(logits, t, 5000)
     monkeypatch.setattr(head, "COMPILE_FROM", 0)
-    compiled = head._Compiled(head._softmax)(logits, t)
+    compiled = head._Compiled(head._softmax)(logits, t, 5000)
     assert compiled[0].dtype == torch.bfloat16
     torch.testing.assert_close(compiled[0], eager[0], atol=1e-3, rtol=1e-2)
     torch.testing.assert_close(compiled[1], eager[1], atol=1e-3, rtol=1e-6)
+
+
+def test_pad_columns_of_the_compiled_softmax_are_zero_and_ignored(monkeypatch):
+    torch.manual_seed(0)
+    logits, t = torch.randn(300, 5056) * 4, torch.randint(5000, (300,))
+    logits[:, 5000:] = 50.0  # the pad: would dominate the softmax were it counted
+    monkeypatch.setattr(head, "COMPILE_FROM", 0)
+    p, loss = head._Compiled(head._softmax)(logits, t, 5000)
+    ref = F.cross_entropy(logits[:, :5000], t, reduction="sum")
+    assert p.shape == (300, 5056) and p[:, 5000:].abs().max() == 0
+    torch.testing.assert_close(p[:, :5000], F.softmax(logits[:, :5000], dim=-1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(loss, ref, atol=1e-3, rtol=1e-6)
+
+
+def test_a_compiled_model_on_a_gpu_takes_its_loss_through_full_logits(monkeypatch):
+    """Compiled on a device of FULL_LOGITS_WHEN_COMPILED (a GPU; the CPU stands in for it here) the
+    loss runs through the full logits, with the loss and gradients of the eager chunked head."""
+    import gpt2lab.model as model_module
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, n_ctx=16, vocab_size=97))
+    x, y = torch.randint(97, (2, 16)), torch.randint(97, (2, 16))
+    eager = model(x, targets=y)
+    eager.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    chunked = []
+    monkeypatch.setattr(head, "FULL_LOGITS_WHEN_COMPILED", {"cpu"})
+    monkeypatch.setattr(model_module, "head_loss", lambda *a: chunked.append(a) or head_loss(*a))
+    compiled = torch.compile(model)(x, targets=y)
+    compiled.backward()
+    assert chunked == []  # traced without the chunked head
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], atol=1e-5, rtol=1e-4, msg=n)
+    model(x, targets=y)  # eager: the chunked head again
+    assert len(chunked) == 1

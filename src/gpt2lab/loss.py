@@ -27,19 +27,43 @@ log = logging.getLogger(__name__)
 CHUNK = 1024  # tokens per chunk: (CHUNK, V) logits and probabilities live at once, 103 MB each in bf16
 ROWS = 256  # rows per logits matmul: oneDNN's bf16 kernel runs 25% faster on 256 rows than on 1024
 COMPILE_FROM = 1 << 22  # logits in a chunk
+# The head's columns are padded with zero rows of the weight to a multiple of this, by device type.
+# GPT-2's 50,257 is odd: a (tokens, 50257) operand has rows that are not 16-byte aligned, which keeps
+# cuBLAS off its fastest kernels. The pad columns are sliced off before the softmax, so the loss and
+# gradients are unchanged. On CPU oneDNN measured the same speed either way, so it is left unpadded.
+ALIGN = {"cuda": 64}
 
 
-def _softmax(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(softmax in logits' dtype, summed loss in fp32) of a chunk; both computed in fp32."""
-    x = logits.float()
+# Devices where a compiled model's loss goes through its full logits instead: there Inductor fuses
+# the cross-entropy into one pass over them, and the (B, T, V) logits fit. On an H200, gpt2 at batch
+# 64 x 1024 trained at 470k tokens/s that way against 422k through head_loss (benchmarks/gpu/mfu.py).
+FULL_LOGITS_WHEN_COMPILED = {"cuda"}
+
+
+def full_logits(x: torch.Tensor) -> bool:
+    """Whether the loss of hidden states `x` should run through full logits (see above)."""
+    return x.device.type in FULL_LOGITS_WHEN_COMPILED and torch.compiler.is_compiling()
+
+
+def padded(n: int, device: torch.device) -> int:
+    """`n` vocabulary columns rounded up to the head's alignment on `device`."""
+    align = ALIGN.get(device.type, 1)
+    return -(-n // align) * align
+
+
+def _softmax(logits: torch.Tensor, targets: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax in logits' dtype, summed loss in fp32) of a chunk's first `n` columns, both computed
+    in fp32; the softmax keeps logits' width, zero in its pad columns."""
+    x = logits[:, :n].float()
     lse = torch.logsumexp(x, dim=-1)
     loss = (lse - x.gather(1, targets[:, None]).squeeze(1)).sum()
-    return torch.exp(x - lse[:, None]).to(logits.dtype), loss
+    p = torch.exp(x - lse[:, None]).to(logits.dtype)
+    return (F.pad(p, (0, logits.shape[1] - n)) if logits.shape[1] > n else p), loss
 
 
-def _lse_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The summed loss of a chunk alone (evaluation)."""
-    x = logits.float()
+def _lse_loss(logits: torch.Tensor, targets: torch.Tensor, n: int) -> torch.Tensor:
+    """The summed loss of a chunk's first `n` columns alone (evaluation)."""
+    x = logits[:, :n].float()
     return (torch.logsumexp(x, dim=-1) - x.gather(1, targets[:, None]).squeeze(1)).sum()
 
 
@@ -74,6 +98,16 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(t) if torch.is_autocast_enabled(t) else x.dtype
 
 
+def _weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The head's weight in `dtype`, with zero rows up to its padded vocabulary."""
+    rows = padded(w.shape[0], w.device)
+    if rows == w.shape[0]:
+        return w.to(dtype)
+    out = torch.zeros(rows, w.shape[1], dtype=dtype, device=w.device)
+    out[:w.shape[0]] = w
+    return out
+
+
 def _logits(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     out = torch.empty(h.shape[0], w.shape[0], dtype=h.dtype, device=h.device)
     for s in range(0, h.shape[0], ROWS):
@@ -89,15 +123,16 @@ class _HeadLoss(torch.autograd.Function):
         dtype = _compute_dtype(h)
         need_w = ctx.needs_input_grad[1]
         with torch.autocast(h.device.type, enabled=False):
-            hc, wc = h.to(dtype), w.to(dtype)
+            V = w.shape[0]
+            hc, wc = h.to(dtype), _weight(w, dtype)  # wc: (V or more, C)
             grad_h = torch.empty_like(h)
             # bf16's matmul runs faster into (C, V); fp32's into (V, C), where it accumulates in place.
             grad_w = None if not need_w else torch.zeros(
-                w.shape if dtype == torch.float32 else w.shape[::-1], dtype=torch.float32, device=w.device)
+                wc.shape if dtype == torch.float32 else wc.shape[::-1], dtype=torch.float32, device=w.device)
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             for s in range(0, h.shape[0], CHUNK):
                 hs, ts = hc[s:s + CHUNK], targets[s:s + CHUNK]
-                p, loss = softmax(_logits(hs, wc), ts)
+                p, loss = softmax(_logits(hs, wc), ts, V)
                 total += loss
                 p[torch.arange(len(ts), device=p.device), ts] -= 1  # d(loss)/d(logits), times the denominator
                 grad_h[s:s + CHUNK] = p @ wc
@@ -108,7 +143,7 @@ class _HeadLoss(torch.autograd.Function):
                         grad_w += hs.t() @ p
             grad_h /= denominator
             if grad_w is not None:
-                grad_w = (grad_w if dtype == torch.float32 else grad_w.t()).div_(denominator).to(w.dtype)
+                grad_w = (grad_w if dtype == torch.float32 else grad_w.t())[:V].div_(denominator).to(w.dtype)
         ctx.save_for_backward(grad_h, grad_w)
         return total / denominator
 
@@ -134,10 +169,10 @@ def head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _HeadLoss.apply(h, weight, t, denominator)
     dtype = _compute_dtype(h)
-    hc, wc = h.to(dtype), weight.to(dtype)
+    hc, wc = h.to(dtype), _weight(weight, dtype)
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     for s in range(0, h.shape[0], CHUNK):
-        total += lse_loss(_logits(hc[s:s + CHUNK], wc), t[s:s + CHUNK])
+        total += lse_loss(_logits(hc[s:s + CHUNK], wc), t[s:s + CHUNK], weight.shape[0])
     return total / denominator
 
 

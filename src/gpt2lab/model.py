@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import GPTConfig
-from .loss import head_loss, reference_loss
+from .loss import full_logits, head_loss, reference_loss
 
 
 class KVCache(nn.Module):
@@ -169,15 +169,16 @@ class GPT(nn.Module):
         key_mask:     (B, start+T) bool, False for slots no token may attend to (padding).
         targets:      (B, T) the next token of each position: the result is then the mean
                       cross-entropy in nats, computed a chunk of tokens at a time so that the
-                      (B, T, vocab_size) logits never exist (training's largest tensor otherwise).
+                      (B, T, vocab_size) logits never exist (training's largest tensor otherwise);
+                      compiled on a GPU, through the full logits, which Inductor fuses (loss.py).
         loss_mask:    (B, T), nonzero for the targets that count (fine-tuning masks the prompt).
         """
         x = self.hidden(idx, start=start, position_ids=position_ids, key_mask=key_mask)
         if targets is None:
             return self.lm_head(x)
-        if type(self.lm_head) is nn.Linear:
+        if type(self.lm_head) is nn.Linear and not full_logits(x):
             return head_loss(x, self.lm_head.weight, targets, loss_mask)
-        return reference_loss(self.lm_head(x), targets, loss_mask)  # a quantized or adapted head
+        return reference_loss(self.lm_head(x), targets, loss_mask)  # compiled on a GPU; a quantized or adapted head
 
     def hidden(self, idx: torch.Tensor, *, start: int = 0, position_ids: torch.Tensor | None = None,
                key_mask: torch.Tensor | None = None) -> torch.Tensor:
