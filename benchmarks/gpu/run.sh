@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, as one script for a lent machine (see benchmarks/README.md): model-level parity,
-# flash attention, bf16 + compile training and generation against transformers, then `gpt2lab train`
+# flash attention, bf16 + compile training and generation against transformers, MFU per head, batch
+# size and attention kernel (mfu.py), then `gpt2lab train`
 # end to end (single process with --compile, and FSDP2 under torchrun) on a prepared data folder.
 #   DATA=path/to/prepared GPT2LAB_CACHE=path/to/cache benchmarks/gpu/run.sh [OUT_DIR]
 set -uo pipefail
@@ -14,6 +15,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
   | tee -a "$out/env.txt"
 python3 benchmarks/gpu/check.py --steps 20 2>&1 | grep -v Warning | tee "$out/check.log"
+python3 benchmarks/gpu/mfu.py --data "$data" --out "$out/mfu.jsonl" 2>&1 | grep -v Warning | tee "$out/mfu.log"
 python3 -m gpt2lab train "${common[@]}" --out /tmp/gpu-run --max-steps 50 --compile 2>&1 | tail -15 | tee "$out/train.log"
 cp /tmp/gpu-run/metrics.jsonl "$out/train-metrics.jsonl"
 python3 -m torch.distributed.run --standalone --nproc_per_node 1 -m gpt2lab train "${common[@]}" \
