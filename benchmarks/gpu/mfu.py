@@ -14,8 +14,10 @@ clipping, batch x 1024 tokens, timed over --steps steps after three warm-up step
   padded        as logits over a 50,304-wide head, sliced to 50,257 columns before the loss
                 (nanoGPT's padding; not GPT-2's shapes, measured to see what it would be worth)
 Then, given --data (a folder from `gpt2lab prepare` with GPT-2's tokenizer), `gpt2lab train
---compile` itself, whose metrics.jsonl gives tokens/s and MFU per log window. Items start only
-while --deadline seconds have not passed, so a lease's time is not overrun.
+--compile` itself, whose metrics.jsonl gives tokens/s and MFU per log window (on a machine with no
+network, GPT2LAB_CACHE must hold the tokenizer's package, as ~/.cache/gpt2lab does after a
+prepare). Items start only while --deadline seconds have not passed, so a lease's time is not
+overrun; --items picks some.
 """
 
 from __future__ import annotations
