@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gpt2lab import save_checkpoint
 from gpt2lab.config import GPTConfig
@@ -442,10 +443,32 @@ def test_serve_without_its_extra_says_how_to_install_it(monkeypatch, capsys):
     assert "pip install 'gpt2lab[serve]'" in capsys.readouterr().err
 
 
+def test_decode_attention_gives_a_row_the_same_bits_whatever_the_batch():
+    """PyTorch's flash kernel for CPU does not (a row's last bits change with the rows beside it);
+    the engine's decoding attention must, for any batch, subset of rows and thread count."""
+    from gpt2lab.serve.engine import decode_attention
+
+    torch.manual_seed(0)
+    B, H, W, D = 9, 12, 128, 64  # GPT-2's heads, a cache 128 wide of which each row uses 65 to 128
+    q, keys, values = torch.randn(B, H, 1, D), torch.randn(B + 3, H, W, D), torch.randn(B + 3, H, W, D)
+    mask = (torch.arange(W)[None] < torch.randint(65, W + 1, (B,))[:, None])[:, None, None, :]
+    whole = decode_attention(q, keys[:B], values[:B], mask)
+    for i in range(B):
+        assert torch.equal(decode_attention(q[i:i + 1], keys[i:i + 1], values[i:i + 1], mask[i:i + 1]), whole[i:i + 1])
+    some = torch.tensor([1, 4, 5, 8])
+    assert torch.equal(decode_attention(q[some], keys[some], values[some], mask[some]), whole[some])
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(decode_attention(q, keys[:B], values[:B], mask), whole)
+    finally:
+        torch.set_num_threads(2)
+    expect = F.scaled_dot_product_attention(q, keys[:B], values[:B], attn_mask=mask)
+    torch.testing.assert_close(whole, expect, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["fp32", "bf16", "int8"])
 def test_batching_does_not_change_greedy_tokens_in_each_speed_mode(tiny_path, gen, mode):
-    """(At this width every mode's matrix products compute a row the same whatever the batch; at GPT-2's
-    own width bf16's MLP output projection does not, see the serving guide.)"""
+    """(tests/test_gemv.py and the test above check the two parts at GPT-2's own widths.)"""
     from gpt2lab.serve.engine import Sampling, Seq
 
     engine = Engine(Generator.load(tiny_path, mode=mode).model, gen.tokenizer, max_batch=16).start()

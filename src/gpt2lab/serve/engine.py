@@ -32,6 +32,19 @@ PREFILL_TOKENS = 4096  # prompt tokens prefilled in one batch (more wait for the
 WIDTH_STEP = 64  # a decoded token attends over its length rounded up to this (see Engine._forward)
 
 
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per row, (B, nh, 1, hs), over keys and values (B, nh, W, hs) where `mask`
+    (B, 1, 1, W) is True, computing each row as it would alone, to the bit.
+
+    Two matmuls and a softmax, not F.scaled_dot_product_attention: PyTorch's flash kernel for CPU
+    divides a decoding batch's work among threads by its size, and a row's result then changes in
+    its last bits with the rows beside it (8 of 9 rows of a batch, measured with torch 2.13); bf16
+    activations then turn that into a different greedy token now and then. As fast for one query.
+    """
+    scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(q.size(-1) ** -0.5)  # (B, nh, 1, W)
+    return torch.matmul(scores.masked_fill_(~mask, float("-inf")).softmax(-1), values)
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How one sequence is generated. Logprobs reported are the model's own (a log_softmax of its
@@ -293,11 +306,12 @@ class Engine:
         of `lengths` into `slots`, or one new token for each of the first B slots.
 
         Batching must not change a row's result, to the bit: the linear layers compute each row
-        alone whatever the batch (fp32 and int8 here; see the serving guide for bf16), and a row's
-        attention depends only on its own length: a prompt attends alone, and a decoded token
-        attends over its own length rounded up to WIDTH_STEP, masked, beside only the rows of that
-        width. (Masked up to the longest neighbour, a row would round differently with its
-        neighbours' lengths; in low precision one last bit is enough to change a greedy token.)"""
+        alone whatever the batch (gemv.py's kernel; see the serving guide where it cannot run), and
+        a row's attention depends only on its own length: a prompt attends alone, and a decoded
+        token attends over its own length rounded up to WIDTH_STEP, masked, beside only the rows of
+        that width, through decode_attention. (Masked up to the longest neighbour, a row would round
+        differently with its neighbours' lengths; in low precision one last bit is enough to change a
+        greedy token.)"""
         tr = self.model.transformer
         B, T = ids.shape
         x = tr.wte(ids) + tr.wpe(positions)  # (B, T, C)
@@ -322,11 +336,10 @@ class Engine:
                 y = torch.empty_like(q)  # every row is written by its width's group
                 for width, members, mask in groups:
                     if members is None:  # every row in one width: a view of the cache
-                        y = F.scaled_dot_product_attention(q, keys[:B, :, :width], values[:B, :, :width],
-                                                           attn_mask=mask)
+                        y = decode_attention(q, keys[:B, :, :width], values[:B, :, :width], mask)
                     else:
-                        y[members] = F.scaled_dot_product_attention(
-                            q[members], keys[members, :, :width], values[members, :, :width], attn_mask=mask)
+                        y[members] = decode_attention(q[members], keys[members, :, :width],
+                                                      values[members, :, :width], mask)
             x = x + attn.c_proj(y.transpose(1, 2).reshape(B, T, C).to(x.dtype))
             x = x + block.mlp(block.ln_2(x))
         return tr.ln_f(x)
