@@ -25,6 +25,14 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def threads():
+    """torch.set_num_threads for one test: the count the test found is restored after it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Keep tests away from the user's cache, but share one cache across the session."""

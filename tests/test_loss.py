@@ -151,7 +151,8 @@ def test_a_compiled_model_on_a_gpu_takes_its_loss_through_full_logits(monkeypatc
     chunked = []
     monkeypatch.setattr(head, "FULL_LOGITS_WHEN_COMPILED", {"cpu"})
     monkeypatch.setattr(model_module, "head_loss", lambda *a: chunked.append(a) or head_loss(*a))
-    compiled = torch.compile(model)(x, targets=y)
+    run = torch.compile(model)
+    compiled = run(x, targets=y)
     compiled.backward()
     assert chunked == []  # traced without the chunked head
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
@@ -159,3 +160,6 @@ def test_a_compiled_model_on_a_gpu_takes_its_loss_through_full_logits(monkeypatc
         torch.testing.assert_close(p.grad, ref[n], atol=1e-5, rtol=1e-4, msg=n)
     model(x, targets=y)  # eager: the chunked head again
     assert len(chunked) == 1
+    with torch.no_grad():  # evaluation, compiled: the chunked head, which holds no logits
+        torch.testing.assert_close(run(x, targets=y), eager.detach(), atol=1e-5, rtol=0)
+    assert len(chunked) == 2

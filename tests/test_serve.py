@@ -443,11 +443,13 @@ def test_serve_without_its_extra_says_how_to_install_it(monkeypatch, capsys):
     assert "pip install 'gpt2lab[serve]'" in capsys.readouterr().err
 
 
-def test_decode_attention_gives_a_row_the_same_bits_whatever_the_batch():
-    """PyTorch's flash kernel for CPU does not (a row's last bits change with the rows beside it);
-    the engine's decoding attention must, for any batch, subset of rows and thread count."""
+def test_decode_attention_gives_a_row_the_same_bits_whatever_the_batch(threads):
+    """PyTorch's flash kernel for CPU does not (a row's last bits change with the rows beside it,
+    with two threads or more); the engine's decoding attention must, for any batch, subset of rows
+    and thread count."""
     from gpt2lab.serve.engine import decode_attention
 
+    threads(max(2, torch.get_num_threads()))
     torch.manual_seed(0)
     B, H, W, D = 9, 12, 128, 64  # GPT-2's heads, a cache 128 wide of which each row uses 65 to 128
     q, keys, values = torch.randn(B, H, 1, D), torch.randn(B + 3, H, W, D), torch.randn(B + 3, H, W, D)
@@ -457,11 +459,8 @@ def test_decode_attention_gives_a_row_the_same_bits_whatever_the_batch():
         assert torch.equal(decode_attention(q[i:i + 1], keys[i:i + 1], values[i:i + 1], mask[i:i + 1]), whole[i:i + 1])
     some = torch.tensor([1, 4, 5, 8])
     assert torch.equal(decode_attention(q[some], keys[some], values[some], mask[some]), whole[some])
-    torch.set_num_threads(1)
-    try:
-        assert torch.equal(decode_attention(q, keys[:B], values[:B], mask), whole)
-    finally:
-        torch.set_num_threads(2)
+    threads(1)
+    assert torch.equal(decode_attention(q, keys[:B], values[:B], mask), whole)
     expect = F.scaled_dot_product_attention(q, keys[:B], values[:B], attn_mask=mask)
     torch.testing.assert_close(whole, expect, atol=1e-5, rtol=1e-5)
 

@@ -34,15 +34,18 @@ COMPILE_FROM = 1 << 22  # logits in a chunk
 ALIGN = {"cuda": 64}
 
 
-# Devices where a compiled model's loss goes through its full logits instead: there Inductor fuses
-# the cross-entropy into one pass over them, and the (B, T, V) logits fit. On an H200, gpt2 at batch
-# 64 x 1024 trained at 470k tokens/s that way against 422k through head_loss (benchmarks/gpu/mfu.py).
+# Devices where a compiled model's training loss goes through its full logits instead: there
+# Inductor fuses the cross-entropy into one pass over them, and the (B, T, V) logits fit. On an H200,
+# gpt2 at batch 64 x 1024 trained at 470k tokens/s that way against 422k through head_loss
+# (benchmarks/gpu/mfu.py). Evaluation keeps head_loss: without gradients it is the smaller by far
+# (at 16 x 1024, 0.31 GiB against 1.63 GiB), and one pass over the logits either way.
 FULL_LOGITS_WHEN_COMPILED = {"cuda"}
 
 
 def full_logits(x: torch.Tensor) -> bool:
     """Whether the loss of hidden states `x` should run through full logits (see above)."""
-    return x.device.type in FULL_LOGITS_WHEN_COMPILED and torch.compiler.is_compiling()
+    return (x.device.type in FULL_LOGITS_WHEN_COMPILED and torch.compiler.is_compiling()
+            and torch.is_grad_enabled())
 
 
 def padded(n: int, device: torch.device) -> int:

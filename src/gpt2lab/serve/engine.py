@@ -34,12 +34,13 @@ WIDTH_STEP = 64  # a decoded token attends over its length rounded up to this (s
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Attention of one query per row, (B, nh, 1, hs), over keys and values (B, nh, W, hs) where `mask`
-    (B, 1, 1, W) is True, computing each row as it would alone, to the bit.
+    (B, 1, 1, W) is True, computing each row on a CPU as it would alone, to the bit.
 
     Two matmuls and a softmax, not F.scaled_dot_product_attention: PyTorch's flash kernel for CPU
     divides a decoding batch's work among threads by its size, and a row's result then changes in
     its last bits with the rows beside it (8 of 9 rows of a batch, measured with torch 2.13); bf16
     activations then turn that into a different greedy token now and then. As fast for one query.
+    On a GPU cuBLAS picks its kernels by the batch, so there no row is promised its bits.
     """
     scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(q.size(-1) ** -0.5)  # (B, nh, 1, W)
     return torch.matmul(scores.masked_fill_(~mask, float("-inf")).softmax(-1), values)
@@ -305,9 +306,9 @@ class Engine:
         """Hidden states (B, T, C) for `ids` at `positions`, reading and writing the KV cache: prompts
         of `lengths` into `slots`, or one new token for each of the first B slots.
 
-        Batching must not change a row's result, to the bit: the linear layers compute each row
-        alone whatever the batch (gemv.py's kernel; see the serving guide where it cannot run), and
-        a row's attention depends only on its own length: a prompt attends alone, and a decoded
+        On a CPU, batching must not change a row's result, to the bit: the linear layers compute each
+        row alone whatever the batch (gemv.py's kernel; see the serving guide where it cannot run),
+        and a row's attention depends only on its own length: a prompt attends alone, and a decoded
         token attends over its own length rounded up to WIDTH_STEP, masked, beside only the rows of
         that width, through decode_attention. (Masked up to the longest neighbour, a row would round
         differently with its neighbours' lengths; in low precision one last bit is enough to change a
