@@ -24,7 +24,8 @@ from gpt2lab.device import native_bf16
 from gpt2lab.errors import TrainingError
 from gpt2lab.metrics import flops_per_token
 from gpt2lab.model import GPT
-from gpt2lab.train import Strategy, fit, learning_rate, lm_loss, param_groups
+from gpt2lab.optim import param_groups
+from gpt2lab.train import Strategy, fit, learning_rate, lm_loss
 
 VOCAB = 64
 
@@ -206,20 +207,25 @@ def test_fit_learns_and_writes_a_complete_run_folder(tmp_path):
     assert "sha" in prov["git"]
 
 
-def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, optimizer):
     # Dropout and accumulation on, so RNG state and optimizer state both have to come back exactly.
     # decay_steps pins the schedule, so that the first half may stop at max_steps=4.
-    cfg = config(max_steps=8, ckpt_interval=4, dropout=0.1, decay_steps=8)
+    cfg = config(max_steps=8, ckpt_interval=4, dropout=0.1, decay_steps=8, optimizer=optimizer)
     straight, _ = run(tmp_path, "straight", cfg)
-    run(tmp_path, "resumed", config(max_steps=4, ckpt_interval=4, dropout=0.1, decay_steps=8))
+    run(tmp_path, "resumed", config(max_steps=4, ckpt_interval=4, dropout=0.1, decay_steps=8, optimizer=optimizer))
     resumed, result = run(tmp_path, "resumed", cfg, model=tiny_model(seed=99, dropout=0.1), resume=True)
     assert result.step == 8
     assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "straight")
     assert_same_weights(resumed, straight)
     a = torch.load(tmp_path / "straight/checkpoints/step-00000008/train_state.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed/checkpoints/step-00000008/train_state.pt", weights_only=True)
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
     for pid, s in a["optimizer"]["state"].items():
-        assert torch.equal(s["exp_avg_sq"], b["optimizer"]["state"][pid]["exp_avg_sq"])
+        for key, value in s.items():
+            assert torch.equal(value, b["optimizer"]["state"][pid][key]), (pid, key)
+    moments = {key for s in a["optimizer"]["state"].values() for key in s}
+    assert moments == ({"step", "exp_avg", "exp_avg_sq"} | ({"momentum_buffer"} if optimizer == "muon" else set()))
     # The resumed run's log is one run: its provenance says where it resumed.
     events = [json.loads(line)["event"] for line in (tmp_path / "resumed/provenance.jsonl").read_text().splitlines()]
     assert events == ["start", "resume"]
@@ -233,6 +239,20 @@ def test_resume_needs_a_checkpoint_and_a_fresh_run_refuses_an_existing_one(tmp_p
         run(tmp_path, "run", config(max_steps=4))
     with pytest.raises(TrainingError, match="batch_size"):
         run(tmp_path, "run", config(max_steps=8, batch_size=8), resume=True)
+    with pytest.raises(TrainingError, match="optimizer='adamw' but this run asks for 'muon'"):
+        run(tmp_path, "run", config(max_steps=8, optimizer="muon"), resume=True)
+
+
+def test_a_run_from_before_the_optimizer_setting_resumes_as_adamw(tmp_path):
+    run(tmp_path, "old", config(max_steps=4))
+    state_file = tmp_path / "old/checkpoints/step-00000004/train_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    del state["config"]["optimizer"]  # as written before the setting existed
+    torch.save(state, state_file)
+    with pytest.raises(TrainingError, match="optimizer='adamw'"):
+        run(tmp_path, "old", config(max_steps=8, optimizer="muon"), resume=True)
+    _, result = run(tmp_path, "old", config(max_steps=8), resume=True)
+    assert result.step == 8
 
 
 def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes_identically(tmp_path):

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from gpt2lab import GPT, loss, preset
 from gpt2lab.metrics import flops_per_token, peak_flops
-from gpt2lab.train import param_groups
+from gpt2lab.optim import param_groups
 
 SEQ = 1024
 

@@ -53,7 +53,7 @@ def child(name: str, batch: int, block: int, steps: int, weights: str) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from gpt2lab.train import param_groups
+    from gpt2lab.optim import param_groups
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", 2)))
     if impl == "transformers":

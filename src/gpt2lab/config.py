@@ -161,7 +161,10 @@ class TrainConfig:
     eps: float = 1e-8
     """AdamW epsilon."""
     weight_decay: float = 0.1
-    """AdamW weight decay, applied to 2-D weights only (not biases or LayerNorm parameters)."""
+    """Weight decay, applied to 2-D weights only (not biases or LayerNorm parameters)."""
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """adamw: AdamW on every parameter. muon: Muon on the blocks' weight matrices and AdamW on the
+    embeddings, biases and gains, at the same --lr (gpt2lab.optim)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0: no clipping)."""
     seed: int = 0
@@ -237,6 +240,11 @@ class TrainConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ConfigError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
+        if self.optimizer == "muon" and self.fsdp:
+            raise ConfigError("--optimizer muon does not run under --fsdp: Muon orthogonalises whole matrices and "
+                              "FSDP shards them; train with DDP (leave out --fsdp) or with --optimizer adamw")
         if self.patience and not self.eval_interval:
             raise ConfigError("patience needs periodic evaluation: set eval_interval too")
         if self.micro_batch and self.batch_size % self.micro_batch:

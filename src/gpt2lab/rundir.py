@@ -43,7 +43,9 @@ METRICS = "metrics.jsonl"
 BEST = "best.json"
 _STEP = re.compile(r"^step-(\d{8})$")
 # Config fields that a resumed run must share with the run it continues: they change what is computed.
-RESUME_FIXED = ("model", "batch_size", "block_size", "seed", "dropout")
+RESUME_FIXED = ("model", "batch_size", "block_size", "seed", "dropout", "optimizer")
+# What a run that predates a RESUME_FIXED field ran with.
+RESUME_DEFAULTS = {"optimizer": "adamw"}
 # A checkpoint's model files: a full model, or a LoRA adapter (lora.py's names).
 _WEIGHTS = (WEIGHTS, lora.ADAPTER_WEIGHTS)
 
@@ -286,9 +288,9 @@ class TrainState:
     def check_resumable(self, config: Mapping[str, Any]) -> None:
         """Refuse to resume with a config whose RESUME_FIXED fields differ from the checkpoint's run."""
         for name in RESUME_FIXED:
-            if self.config.get(name) != config[name]:
+            if (had := self.config.get(name, RESUME_DEFAULTS.get(name))) != config[name]:
                 raise TrainingError(
-                    f"{self.checkpoint} was trained with {name}={self.config.get(name)!r} but this run asks for "
+                    f"{self.checkpoint} was trained with {name}={had!r} but this run asks for "
                     f"{config[name]!r}; resume with the same value or start a new --out folder"
                 )
 

@@ -1,7 +1,8 @@
 """Training: one `fit()` loop for pretraining and fine-tuning, and `pretrain` on a data folder.
 
-    fit(model, config, batches)      the loop: accumulation, AdamW, warmup + cosine, clipping,
-                                     evaluation, checkpoints, resume, Ctrl-C, NaN stop, metrics
+    fit(model, config, batches)      the loop: accumulation, the optimizer (optim.py), warmup +
+                                     cosine, clipping, evaluation, checkpoints, resume, Ctrl-C,
+                                     NaN stop, metrics
     pretrain(data, out, config)      a prepared token folder -> a run folder (`gpt2lab train`,
                                      whose command is gpt2lab.commands.train)
 
@@ -36,6 +37,7 @@ from .device import resolve_device
 from .errors import TrainingError
 from .metrics import RunLog, Window, flops_per_token, peak_flops, plot_metrics, write_provenance
 from .model import GPT
+from .optim import build_optimizer
 from .rundir import METRICS, RunDir, open_run, seed_everything
 
 # (inputs, targets) or (inputs, targets, loss mask); all (B, T). The mask is 1 where a target counts.
@@ -84,17 +86,6 @@ def learning_rate(step: int, *, lr: float, min_lr: float, warmup: int, horizon: 
     if done >= 1:
         return min_lr
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * done)) * (lr - min_lr)
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on matrices and embeddings, none on biases and LayerNorm gains."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise TrainingError("the model has no parameters with requires_grad=True: nothing would train")
-    return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
 
 
 def _accumulate_gradients(model: nn.Module, batches: Batches, step: int, *, rank: int, accum: int,
@@ -325,11 +316,7 @@ class _Trainer:
         bf16 = cfg.bf16(self.device.type, model.config.n_embd)
         wrapped = distributed.wrap(model, fsdp=cfg.fsdp, device=self.device, bf16=bf16)
         self.wrapped = torch.compile(wrapped) if cfg.compile else wrapped
-        # Fused AdamW (one kernel for every tensor) on a GPU without FSDP; elsewhere torch's default
-        # (on CPU, fused=True measured no faster on the benchmark's 6 x 384 model).
-        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                           betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                           fused=(self.device.type == "cuda" and not cfg.fsdp) or None)
+        self.optimizer = build_optimizer(model, cfg, self.device)
         self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
         if state is not None:
             distributed.load_optimizer_state(model, self.optimizer, state.optimizer)
@@ -387,7 +374,7 @@ class _Trainer:
                 return
 
     def step(self) -> _Step:
-        """One optimizer step: the scheduled lr, every rank's micro-batches, clipping, AdamW."""
+        """One optimizer step: the scheduled lr, every rank's micro-batches, clipping, the update."""
         cfg, p, world = self.cfg, self.progress, self.world
         spent = min(1.0, p.elapsed / self.budget) if self.budget else None
         lr = learning_rate(p.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup_steps,
