@@ -117,7 +117,8 @@ def test_a_fresh_start_on_a_finished_run_deletes_nothing(tmp_path):
 
 
 def test_a_checkpoints_training_state_restores_every_rng_and_refuses_a_changed_config(tmp_path):
-    config = {"model": "gpt2-nano", "batch_size": 4, "block_size": 8, "seed": 3, "dropout": 0.0, "lr": 1e-3}
+    config = {"model": "gpt2-nano", "batch_size": 4, "block_size": 8, "seed": 3, "dropout": 0.0, "lr": 1e-3,
+              "optimizer": "adamw"}
 
     def write_model(folder: Path) -> None:
         (folder / "config.json").write_text("{}")
@@ -140,6 +141,8 @@ def test_a_checkpoints_training_state_restores_every_rng_and_refuses_a_changed_c
         state.check_resumable(config | {"lr": 2e-3})  # the learning rate may change on resume
         with pytest.raises(TrainingError, match="step-00000005 was trained with seed=3 but this run asks for 4"):
             state.check_resumable(config | {"seed": 4})
+        with pytest.raises(TrainingError, match="with optimizer='adamw' but this run asks for 'muon'"):
+            state.check_resumable(config | {"optimizer": "muon"})
     finally:
         resumed.close()
 
