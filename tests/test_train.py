@@ -207,6 +207,40 @@ def test_fit_learns_and_writes_a_complete_run_folder(tmp_path):
     assert "sha" in prov["git"]
 
 
+def test_compiled_training_follows_eager_and_runs_eagerly_where_no_compiler_is_found(tmp_path, monkeypatch):
+    cfg = config(max_steps=4, eval_interval=2)
+    from torch._dynamo.utils import counters
+
+    run(tmp_path, "eager", cfg)
+    counters.clear()
+    run(tmp_path, "compiled", dataclasses.replace(cfg, compile=True))
+    assert counters["stats"]["unique_graphs"] > 0
+    eager, compiled = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")
+    assert eager.keys() == compiled.keys()
+    assert all(compiled[k] == pytest.approx(eager[k], rel=1e-4) for k in eager)
+    monkeypatch.setattr("gpt2lab.train.cpu_compiler", lambda: "no C++ compiler found")
+    counters.clear()
+    with pytest.warns(UserWarning, match=r"--compile needs a C\+\+ compiler.*runs eagerly"):
+        run(tmp_path, "fallback", dataclasses.replace(cfg, compile=True))
+    assert counters["stats"]["unique_graphs"] == 0
+    assert train_losses(tmp_path / "fallback") == eager
+
+
+def test_cpu_compiler_says_why_torch_compile_cannot_build_here(monkeypatch):
+    import torch._inductor.config as inductor
+
+    from gpt2lab.device import cpu_compiler
+
+    cpu_compiler.cache_clear()
+    monkeypatch.setattr(inductor.cpp, "cxx", ("gpt2lab-no-such-cxx",))
+    try:
+        assert cpu_compiler()  # a reason, as text
+    finally:
+        cpu_compiler.cache_clear()
+    monkeypatch.undo()
+    assert cpu_compiler() is None  # this machine compiles (the test above needs it too)
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, optimizer):
     # Dropout and accumulation on, so RNG state and optimizer state both have to come back exactly.

@@ -45,3 +45,15 @@ def native_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@functools.cache
+def cpu_compiler() -> str | None:
+    """Why torch.compile cannot build CPU kernels here (no C++ compiler), or None if it can."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler  # Inductor's own search (CXX, g++, clang++)
+
+        get_cpp_compiler()
+    except Exception as e:  # noqa: BLE001 - InvalidCxxCompiler, or an Inductor that moved the function
+        return " ".join(str(e).split())[:160] or type(e).__name__
+    return None

@@ -20,6 +20,7 @@ import math
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from . import data as datasets
 from . import distributed
 from .checkpoint import load_config, load_model, read_config_json, weights_bytes, write_model_files
 from .config import PRESETS, GPTConfig, TrainConfig, preset  # TrainConfig: also gpt2lab.train.TrainConfig
-from .device import resolve_device
+from .device import cpu_compiler, resolve_device
 from .errors import TrainingError
 from .metrics import RunLog, Window, flops_per_token, peak_flops, plot_metrics, write_provenance
 from .model import GPT
@@ -315,7 +316,12 @@ class _Trainer:
             strategy.load(model, state.checkpoint)
         bf16 = cfg.bf16(self.device.type, model.config.n_embd)
         wrapped = distributed.wrap(model, fsdp=cfg.fsdp, device=self.device, bf16=bf16)
-        self.wrapped = torch.compile(wrapped) if cfg.compile else wrapped
+        compile_model = cfg.compile
+        if compile_model and self.device.type == "cpu" and (why := cpu_compiler()) is not None:
+            warnings.warn(f"gpt2lab: --compile needs a C++ compiler on CPU, and torch.compile found none "
+                          f"({why}); training runs eagerly (install g++ to compile)", stacklevel=2)
+            compile_model = False
+        self.wrapped = torch.compile(wrapped) if compile_model else wrapped
         self.optimizer = build_optimizer(model, cfg, self.device)
         self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
         if state is not None:
@@ -337,6 +343,9 @@ class _Trainer:
                           start=self.progress.step, total=cfg.max_steps)
         if state is not None:
             self.log.info(f"resuming {run.path} from {state.checkpoint.name}")
+        if compile_model:
+            self.log.info("compiling the model (torch.compile): the first steps wait for it, up to a minute "
+                          "the first time on a machine")
         self.stop = _StopRequest()
         self.n_eval = cfg.eval_batches
         if val is not None and (most := getattr(val, "max_eval_batches", None)) is not None and self.n_eval > most:
