@@ -166,6 +166,24 @@ def test_the_real_command_prints_one_line(place, argv):
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
 
 
+def test_gpt2labs_own_warnings_print_as_one_line(monkeypatch, capsys):
+    import warnings
+
+    import gpt2lab.cli as cli
+
+    def command():
+        warnings.warn("gpt2lab: the kernels could not be built\n  (no compiler)", stacklevel=1)
+        warnings.warn("a library's own", UserWarning, stacklevel=1)
+
+    monkeypatch.setattr(cli, "parse", lambda argv: command)
+    before = warnings.showwarning
+    assert main(["anything"]) == 0
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == "gpt2lab: warning: the kernels could not be built (no compiler)"
+    assert "a library's own" not in err.splitlines()[0] and "test_cli.py" not in err.splitlines()[0]
+    assert warnings.showwarning is before  # put back when the command ends
+
+
 def test_a_repeated_list_option_keeps_every_value_and_replaces_the_default():
     def targets(*extra):
         return parse(["finetune", "m", "--data", "d", "--out", "o", *extra]).keywords["config"].lora.targets

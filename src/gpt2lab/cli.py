@@ -22,6 +22,7 @@ import os
 import re
 import signal
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -65,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C, so that what is half-written is removed on the way out;
     # training installs its own handler (save, then stop) while it runs.
     previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
+    shown = warnings.showwarning
+    warnings.showwarning = functools.partial(_show_warning, shown)
     try:
         return _main(sys.argv[1:] if argv is None else argv)
     except _Terminated:
@@ -74,12 +77,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     finally:
+        warnings.showwarning = shown
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
 
 class _Terminated(BaseException):
     """SIGTERM, raised where the program is so that `finally` blocks and cleanups run."""
+
+
+def _show_warning(others: Callable[..., None], message: Warning | str, category: type[Warning], filename: str,
+                  lineno: int, file: Any = None, line: str | None = None) -> None:
+    """gpt2lab's own warnings ("gpt2lab: ...") as one line, without the file and line that warned;
+    `others` shows the rest."""
+    text = str(message)
+    if text.startswith(f"{PROG}: "):
+        print(f"{PROG}: warning: {_one_line(text[len(PROG) + 2:])}", file=sys.stderr)
+    else:
+        others(message, category, filename, lineno, file, line)
 
 
 def _terminate(signum: int, frame: Any) -> None:
