@@ -28,9 +28,9 @@ from .train import FitResult, TrainConfig, pretrain
 
 # What eight minutes on two cores buys best (docs/design/demo-model.md).
 DEMO_CONFIG = TrainConfig(
-    model="gpt2-nano", block_size=128, batch_size=32, max_steps=100_000, max_minutes=8.0,
-    lr=8e-3, min_lr=8e-4, warmup_steps=50, eval_interval=200, eval_batches=8,
-    log_interval=20, ckpt_interval=500, keep_last=2,
+    model="gpt2-micro", block_size=128, batch_size=32, max_steps=100_000, max_minutes=8.0,
+    optimizer="muon", lr=8e-3, min_lr=0.0, warmup_steps=50, compile=True,
+    eval_interval=200, eval_batches=8, log_interval=20, ckpt_interval=500, keep_last=2,
 )
 DEMO_VOCAB = 4096
 PROMPTS = ("Romeo.\n", "Ham.\nTo be, or not to be", "KING.\nMy lords,")

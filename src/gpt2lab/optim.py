@@ -9,8 +9,8 @@ semi-orthogonal matrix (five Newton-Schulz iterations), so every direction of th
 alike. It is made for hidden matrices: embeddings (GPT-2's head is the token embedding, tied),
 biases and gains stay with AdamW, as in modded-nanogpt and Moonlight (Liu et al., 2025). Each
 matrix's step is scaled to AdamW's update size (torch's adjust_lr_fn="match_rms_adamw", Moonlight's
-rule), so one --lr and one schedule serve both halves. On the demo's 8 minutes it reached 0.035
-bits per byte lower than AdamW (docs/design/demo-model.md).
+rule), so one --lr and one schedule serve both halves. In the demo's 8 minutes it reached 0.035
+bits per byte below AdamW on gpt2-nano, and more on wider models (docs/design/demo-model.md).
 """
 
 from __future__ import annotations
