@@ -96,8 +96,35 @@ def test_muon_needs_block_matrices_that_train():
         build_optimizer(model, TrainConfig(optimizer="muon"), CPU)
 
 
-def test_the_optimizer_setting_is_checked():
+def test_muon_leaves_lora_factors_to_adamw_and_lora_fine_tuning_refuses_it():
+    from gpt2lab.finetune import FinetuneConfig
+    from gpt2lab.lora import LoRAConfig, apply_lora
+
+    model = small_model()
+    apply_lora(model, LoRAConfig(rank=2))
+    model.transformer.h[0].mlp.c_fc.weight.requires_grad_(True)  # one base matrix trains too
+    opt = build_optimizer(model, TrainConfig(optimizer="muon"), CPU)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [names[id(p)] for p in opt._muon.param_groups[0]["params"]] == ["transformer.h.0.mlp.c_fc.weight"]
+    adamw = {names[id(p)] for g in opt._adamw.param_groups for p in g["params"]}
+    assert adamw and all(n.endswith(("lora_A", "lora_B")) for n in adamw)
+    with pytest.raises(ConfigError, match="LoRA trains low-rank adapters"):
+        FinetuneConfig(method="lora", optimizer="muon", lr=1e-3)
+    assert FinetuneConfig(method="full", optimizer="muon", lr=1e-4).optimizer == "muon"
+
+
+def test_a_built_muon_adamw_takes_no_new_parameters():
+    opt = build_optimizer(small_model(), TrainConfig(optimizer="muon"), CPU)
+    with pytest.raises(ValueError, match="build a new one"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(4, 4))]})
+
+
+def test_the_optimizer_setting_is_checked(monkeypatch):
     with pytest.raises(ConfigError, match="adamw or muon"):
         TrainConfig(optimizer="sgd")
     with pytest.raises(ConfigError, match="--fsdp"):
         TrainConfig(optimizer="muon", fsdp=True)
+    monkeypatch.delattr(torch.optim, "Muon")  # a torch from before 2.9
+    with pytest.raises(ConfigError, match=r"needs torch 2\.9 or later .* use --optimizer adamw"):
+        TrainConfig(optimizer="muon")
+    assert TrainConfig().optimizer == "adamw"

@@ -163,8 +163,9 @@ class TrainConfig:
     weight_decay: float = 0.1
     """Weight decay, applied to 2-D weights only (not biases or LayerNorm parameters)."""
     optimizer: Literal["adamw", "muon"] = "adamw"
-    """adamw: AdamW on every parameter. muon: Muon on the blocks' weight matrices and AdamW on the
-    embeddings, biases and gains, at the same --lr (gpt2lab.optim)."""
+    """adamw: AdamW on every parameter. muon: Muon (momentum 0.95; --beta1/--beta2/--eps are
+    AdamW's) on the blocks' weight matrices and AdamW on the embeddings, biases and gains, at the
+    same --lr (gpt2lab.optim; needs torch 2.9 or later)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0: no clipping)."""
     seed: int = 0
@@ -242,6 +243,9 @@ class TrainConfig:
             raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.optimizer not in ("adamw", "muon"):
             raise ConfigError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
+        if self.optimizer == "muon" and not _torch_has_muon():
+            raise ConfigError(f"--optimizer muon needs torch 2.9 or later (torch.optim.Muon) and this is torch "
+                              f"{_torch_version()}: upgrade torch or use --optimizer adamw")
         if self.optimizer == "muon" and self.fsdp:
             raise ConfigError("--optimizer muon does not run under --fsdp: Muon orthogonalises whole matrices and "
                               "FSDP shards them; train with DDP (leave out --fsdp) or with --optimizer adamw")
@@ -259,3 +263,15 @@ class TrainConfig:
                 f"x processes ({world_size}); change --batch-size or --micro-batch"
             )
         return micro, self.batch_size // (micro * world_size)
+
+
+def _torch_has_muon() -> bool:
+    from torch import optim  # imported where needed: this module stays free of torch
+
+    return hasattr(optim, "Muon")
+
+
+def _torch_version() -> str:
+    from torch import __version__
+
+    return __version__

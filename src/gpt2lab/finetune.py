@@ -100,6 +100,9 @@ class FinetuneConfig(TrainConfig):
             raise ConfigError(f"method must be full or lora, got {self.method!r}")
         if not isinstance(self.lora, LoRAConfig):
             raise ConfigError(f"lora must be a LoRAConfig, got {type(self.lora).__name__}")
+        if self.method == "lora" and self.optimizer == "muon":
+            raise ConfigError("--optimizer muon steps whole weight matrices and LoRA trains low-rank adapters "
+                              "instead: use --method full with Muon, or LoRA with --optimizer adamw")
         if self.lr is None:
             dataclasses.replace(self, lr=self.peak_lr)  # TrainConfig's checks, with the rate the run will use
         else:

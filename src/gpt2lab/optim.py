@@ -38,9 +38,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def muon_matrices(model: nn.Module) -> list[torch.Tensor]:
-    """The trainable weight matrices inside the transformer blocks (transformer.h.N): Muon's share."""
+    """The trainable weight matrices inside the transformer blocks (transformer.h.N): Muon's share.
+    LoRA's low-rank factors (lora_A, lora_B) are not among them."""
     return [p for name, p in model.named_parameters()
-            if p.requires_grad and p.dim() == 2 and name.startswith("transformer.h.")]
+            if p.requires_grad and p.dim() == 2 and name.startswith("transformer.h.") and name.endswith(".weight")]
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -57,6 +58,12 @@ class MuonAdamW(torch.optim.Optimizer):
         self._adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, eps=eps, fused=fused)
         super().__init__(self._muon.param_groups + self._adamw.param_groups, {})
         self._link()
+        self._built = True
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if getattr(self, "_built", False):  # neither inner optimizer would step a group added now
+            raise ValueError("MuonAdamW takes its parameters when it is built; build a new one to add some")
+        super().add_param_group(param_group)
 
     def _link(self) -> None:
         """Point the two inner optimizers at this one's groups and state (again after a load)."""
