@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from gpt2lab import load_model, preset
 from gpt2lab.checkpoint import latest_checkpoint
 from gpt2lab.config import GPTConfig, TrainConfig
-from gpt2lab.device import native_bf16
+from gpt2lab.device import cpu_compiler, native_bf16
 from gpt2lab.errors import TrainingError
 from gpt2lab.metrics import flops_per_token
 from gpt2lab.model import GPT
@@ -207,6 +207,11 @@ def test_fit_learns_and_writes_a_complete_run_folder(tmp_path):
     assert "sha" in prov["git"]
 
 
+needs_compiler = pytest.mark.skipif(cpu_compiler() is not None, reason="torch.compile cannot build CPU kernels here")
+
+
+@pytest.mark.slow
+@needs_compiler
 def test_compiled_training_follows_eager_and_runs_eagerly_where_no_compiler_is_found(tmp_path, monkeypatch):
     cfg = config(max_steps=4, eval_interval=2)
     from torch._dynamo.utils import counters
@@ -220,25 +225,30 @@ def test_compiled_training_follows_eager_and_runs_eagerly_where_no_compiler_is_f
     assert all(compiled[k] == pytest.approx(eager[k], rel=1e-4) for k in eager)
     monkeypatch.setattr("gpt2lab.train.cpu_compiler", lambda: "no C++ compiler found")
     counters.clear()
-    with pytest.warns(UserWarning, match=r"--compile needs a C\+\+ compiler.*runs eagerly"):
+    expected = r"--compile cannot build CPU kernels here \(no C\+\+ compiler found\); training runs eagerly"
+    with pytest.warns(UserWarning, match=expected):
         run(tmp_path, "fallback", dataclasses.replace(cfg, compile=True))
     assert counters["stats"]["unique_graphs"] == 0
     assert train_losses(tmp_path / "fallback") == eager
 
 
-def test_cpu_compiler_says_why_torch_compile_cannot_build_here(monkeypatch):
+@needs_compiler
+def test_cpu_compiler_says_why_torch_compile_cannot_build_here(monkeypatch, tmp_path):
     import torch._inductor.config as inductor
 
-    from gpt2lab.device import cpu_compiler
-
-    cpu_compiler.cache_clear()
-    monkeypatch.setattr(inductor.cpp, "cxx", ("gpt2lab-no-such-cxx",))
-    try:
-        assert cpu_compiler()  # a reason, as text
-    finally:
+    def reason() -> str | None:
         cpu_compiler.cache_clear()
-    monkeypatch.undo()
-    assert cpu_compiler() is None  # this machine compiles (the test above needs it too)
+        try:
+            return cpu_compiler()
+        finally:
+            cpu_compiler.cache_clear()
+
+    with inductor.patch({"cpp.cxx": ("gpt2lab-no-such-cxx",)}):  # (monkeypatch deletes config entries on undo)
+        assert "gpt2lab-no-such-cxx" in reason()
+    with monkeypatch.context() as m:
+        m.setattr("sysconfig.get_path", lambda name: str(tmp_path))
+        assert reason() == f"no Python.h in {tmp_path} (install Python's development headers, e.g. python3-dev)"
+    assert reason() is None  # this machine compiles (the test above needs it too)
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sysconfig
 
 import torch
 
@@ -49,11 +50,17 @@ def native_bf16() -> bool:
 
 @functools.cache
 def cpu_compiler() -> str | None:
-    """Why torch.compile cannot build CPU kernels here (no C++ compiler), or None if it can."""
+    """Why torch.compile cannot build CPU kernels here, or None if it can: Inductor compiles each
+    kernel with a C++ compiler into a Python extension, which needs Python's headers."""
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler  # Inductor's own search (CXX, g++, clang++)
-
+    except ImportError as e:
+        return f"this torch has no Inductor C++ backend ({e})"
+    try:
         get_cpp_compiler()
-    except Exception as e:  # noqa: BLE001 - InvalidCxxCompiler, or an Inductor that moved the function
+    except Exception as e:  # noqa: BLE001 - InvalidCxxCompiler, and whatever a newer torch raises instead
         return " ".join(str(e).split())[:160] or type(e).__name__
+    include = sysconfig.get_path("include")
+    if not os.path.isfile(os.path.join(include, "Python.h")):
+        return f"no Python.h in {include} (install Python's development headers, e.g. python3-dev)"
     return None

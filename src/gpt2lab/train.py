@@ -318,8 +318,9 @@ class _Trainer:
         wrapped = distributed.wrap(model, fsdp=cfg.fsdp, device=self.device, bf16=bf16)
         compile_model = cfg.compile
         if compile_model and self.device.type == "cpu" and (why := cpu_compiler()) is not None:
-            warnings.warn(f"gpt2lab: --compile needs a C++ compiler on CPU, and torch.compile found none "
-                          f"({why}); training runs eagerly (install g++ to compile)", stacklevel=2)
+            if self.world.is_main:
+                warnings.warn(f"gpt2lab: --compile cannot build CPU kernels here ({why}); training runs eagerly",
+                              stacklevel=2)
             compile_model = False
         self.wrapped = torch.compile(wrapped) if compile_model else wrapped
         self.optimizer = build_optimizer(model, cfg, self.device)
