@@ -762,3 +762,15 @@ def test_compiled_generation_equals_eager():
     compiled = Generator(model, eot_id=96, compile=True).generate_ids(prompts, **options)
     assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
     torch.testing.assert_close([c.logprobs for c in compiled], [c.logprobs for c in eager], atol=1e-4, rtol=0)
+
+
+def test_generation_runs_eagerly_where_torch_compile_cannot_build_cpu_kernels(monkeypatch):
+    torch.manual_seed(0)
+    model = GPT(preset("gpt2-nano", vocab_size=97)).eval()
+    options = dict(max_new_tokens=4, stop_at_eot=False, seed=0)
+    eager = Generator(model, eot_id=96).generate_ids([[1, 2, 3]], **options)
+    monkeypatch.setattr("gpt2lab.device.cpu_compiler", lambda: "no C++ compiler found")
+    with pytest.warns(UserWarning, match=r"cannot build CPU kernels here \(no C\+\+ compiler found\); generation runs"):
+        fallback = Generator(model, eot_id=96, compile=True)
+    assert fallback._hidden == model.hidden  # not a compiled wrapper
+    assert [c.token_ids for c in fallback.generate_ids([[1, 2, 3]], **options)] == [c.token_ids for c in eager]

@@ -223,7 +223,7 @@ def test_compiled_training_follows_eager_and_runs_eagerly_where_no_compiler_is_f
     eager, compiled = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")
     assert eager.keys() == compiled.keys()
     assert all(compiled[k] == pytest.approx(eager[k], rel=1e-4) for k in eager)
-    monkeypatch.setattr("gpt2lab.train.cpu_compiler", lambda: "no C++ compiler found")
+    monkeypatch.setattr("gpt2lab.device.cpu_compiler", lambda: "no C++ compiler found")
     counters.clear()
     expected = r"--compile cannot build CPU kernels here \(no C\+\+ compiler found\); training runs eagerly"
     with pytest.warns(UserWarning, match=expected):

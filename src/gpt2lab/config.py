@@ -243,9 +243,12 @@ class TrainConfig:
             raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.optimizer not in ("adamw", "muon"):
             raise ConfigError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
-        if self.optimizer == "muon" and not _torch_has_muon():
-            raise ConfigError(f"--optimizer muon needs torch 2.9 or later (torch.optim.Muon) and this is torch "
-                              f"{_torch_version()}: upgrade torch or use --optimizer adamw")
+        if self.optimizer == "muon":
+            import torch  # here, not at the top: this module stays free of torch
+
+            if not hasattr(torch.optim, "Muon"):
+                raise ConfigError(f"--optimizer muon needs torch 2.9 or later (torch.optim.Muon) and this is torch "
+                                  f"{torch.__version__}: upgrade torch or use --optimizer adamw")
         if self.optimizer == "muon" and self.fsdp:
             raise ConfigError("--optimizer muon does not run under --fsdp: Muon orthogonalises whole matrices and "
                               "FSDP shards them; train with DDP (leave out --fsdp) or with --optimizer adamw")
@@ -264,14 +267,3 @@ class TrainConfig:
             )
         return micro, self.batch_size // (micro * world_size)
 
-
-def _torch_has_muon() -> bool:
-    from torch import optim  # imported where needed: this module stays free of torch
-
-    return hasattr(optim, "Muon")
-
-
-def _torch_version() -> str:
-    from torch import __version__
-
-    return __version__

@@ -5,6 +5,9 @@ from __future__ import annotations
 import functools
 import os
 import sysconfig
+import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -64,3 +67,16 @@ def cpu_compiler() -> str | None:
     if not os.path.isfile(os.path.join(include, "Python.h")):
         return f"no Python.h in {include} (install Python's development headers, e.g. python3-dev)"
     return None
+
+
+def compiled(fn: Callable[..., Any], device: torch.device, *, what: str, warn: bool = True,
+             **options: Any) -> Callable[..., Any]:
+    """torch.compile(fn, **options); on a CPU where Inductor cannot build kernels (cpu_compiler), `fn`
+    itself, after a warning (unless not `warn`) that `what` runs eagerly, instead of a traceback at
+    the first call."""
+    if device.type == "cpu" and (why := cpu_compiler()) is not None:
+        if warn:
+            warnings.warn(f"gpt2lab: --compile cannot build CPU kernels here ({why}); {what} runs eagerly",
+                          stacklevel=3)
+        return fn
+    return torch.compile(fn, **options)

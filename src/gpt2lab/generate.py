@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 import torch
 
-from .device import resolve_device
+from .device import compiled, resolve_device
 from .errors import GenerationError
 from .model import GPT
 from .quantize import KernelLinear, Mode, PackedLinear
@@ -287,8 +287,9 @@ class Generator:
             raise GenerationError("torch.compile cannot trace packed weights: prepare the model with "
                                   "quantize.prepare(model, mode, pack=False) to compile it")
         self._cache: list[Any] = []  # the blocks' KVCache objects, attached to the model while generating
+        device = next(model.parameters()).device
         self._hidden: Callable[..., torch.Tensor] = (
-            torch.compile(model.hidden, dynamic=True) if compile else model.hidden
+            compiled(model.hidden, device, what="generation", dynamic=True) if compile else model.hidden
         )
 
     @classmethod

@@ -20,7 +20,6 @@ import math
 import signal
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from . import data as datasets
 from . import distributed
 from .checkpoint import load_config, load_model, read_config_json, weights_bytes, write_model_files
 from .config import PRESETS, GPTConfig, TrainConfig, preset  # TrainConfig: also gpt2lab.train.TrainConfig
-from .device import cpu_compiler, resolve_device
+from .device import compiled, resolve_device
 from .errors import TrainingError
 from .metrics import RunLog, Window, flops_per_token, peak_flops, plot_metrics, write_provenance
 from .model import GPT
@@ -316,13 +315,8 @@ class _Trainer:
             strategy.load(model, state.checkpoint)
         bf16 = cfg.bf16(self.device.type, model.config.n_embd)
         wrapped = distributed.wrap(model, fsdp=cfg.fsdp, device=self.device, bf16=bf16)
-        compile_model = cfg.compile
-        if compile_model and self.device.type == "cpu" and (why := cpu_compiler()) is not None:
-            if self.world.is_main:
-                warnings.warn(f"gpt2lab: --compile cannot build CPU kernels here ({why}); training runs eagerly",
-                              stacklevel=2)
-            compile_model = False
-        self.wrapped = torch.compile(wrapped) if compile_model else wrapped
+        self.wrapped = (compiled(wrapped, self.device, what="training", warn=self.world.is_main)
+                        if cfg.compile else wrapped)
         self.optimizer = build_optimizer(model, cfg, self.device)
         self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
         if state is not None:
@@ -344,7 +338,7 @@ class _Trainer:
                           start=self.progress.step, total=cfg.max_steps)
         if state is not None:
             self.log.info(f"resuming {run.path} from {state.checkpoint.name}")
-        if compile_model:
+        if self.wrapped is not wrapped:
             self.log.info("compiling the model (torch.compile): the first steps wait for it, up to a minute "
                           "the first time on a machine")
         self.stop = _StopRequest()
